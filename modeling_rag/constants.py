@@ -1,0 +1,31 @@
+"""Every file and folder name the package reads or writes, in one place."""
+
+# A saved RagForGeneration folder
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+QUESTION_ENCODER_TOKENIZER_DIR = "question_encoder_tokenizer"
+GENERATOR_TOKENIZER_DIR = "generator_tokenizer"
+INDEX_DIR = "index"
+MODEL_CARD_NAME = "README.md"
+TRAINING_CONFIG_NAME = "training_config.yaml"
+EVAL_RESULTS_NAME = "eval_results.json"
+
+# An index folder (see index_faiss.py)
+INDEX_CONFIG_NAME = "index_config.json"
+FAISS_INDEX_NAME = "index.faiss"
+PASSAGES_NAME = "passages.jsonl"
+EMBEDDINGS_NAME = "embeddings.npy"
+BM25_DIR = "bm25"
+INDEX_FORMAT_VERSION = 1
+
+# Evaluation outputs (see scripts/evaluate_rag.py)
+RESULTS_NAME = "results.json"
+PREDICTIONS_NAME = "predictions.jsonl"
+RECALL_PLOT_NAME = "recall_at_k.png"
+
+# Model type registered with transformers' Auto classes (must differ from transformers' "rag")
+MODEL_TYPE = "modeling_rag"
+
+# Where the package keeps materialised default models (overridable by MODELING_RAG_HOME)
+DEFAULT_HOME_ENV = "MODELING_RAG_HOME"
+DEFAULT_HOME = "~/.cache/modeling_rag"

@@ -1,0 +1,125 @@
+"""Turning text into vectors: pooling of encoder outputs, batched encoding, weight fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import RagConfigError, RagInputError
+
+POOLING_METHODS = ("cls", "mean", "pooler")
+
+
+def pool(
+    last_hidden_state: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    method: str,
+    pooler_output: torch.Tensor | None = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Reduces token states `[batch, seq, hidden]` to one vector per text `[batch, hidden]`.
+
+    `method` is `"cls"` (first token), `"mean"` (mean over the attention mask) or `"pooler"` (the
+    encoder's own pooler output, e.g. BERT/DPR). `normalize` L2-normalises the result, which makes
+    inner product equal to cosine similarity.
+    """
+    if method == "cls":
+        vectors = last_hidden_state[:, 0]
+    elif method == "mean":
+        if attention_mask is None:
+            vectors = last_hidden_state.mean(dim=1)
+        else:
+            mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
+            vectors = (last_hidden_state * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    elif method == "pooler":
+        if pooler_output is None:
+            raise RagConfigError(
+                "question_pooling='pooler' needs an encoder with a pooler layer, but this encoder "
+                "returned no pooler_output; use question_pooling='mean' or 'cls'."
+            )
+        vectors = pooler_output
+    else:
+        raise RagConfigError(f"question_pooling must be one of {POOLING_METHODS}, got {method!r}.")
+    if normalize:
+        vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
+    return vectors
+
+
+def encoder_forward(encoder, input_ids, attention_mask, method: str, normalize: bool, token_type_ids=None):
+    """Runs `encoder` and pools its output; keeps gradients (use inside `torch.no_grad()` to drop them)."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    outputs = encoder(**kwargs, return_dict=True)
+    return pool(
+        outputs.last_hidden_state,
+        attention_mask,
+        method,
+        pooler_output=getattr(outputs, "pooler_output", None),
+        normalize=normalize,
+    )
+
+
+@torch.no_grad()
+def encode_texts(
+    texts: Sequence[str],
+    encoder,
+    tokenizer,
+    *,
+    pooling: str = "mean",
+    normalize: bool = True,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    device: str | torch.device | None = None,
+    show_progress: bool = False,
+    desc: str = "Encoding",
+) -> np.ndarray:
+    """Encodes `texts` in batches and returns a float32 array `[len(texts), hidden]`.
+
+    Texts are sorted by length so each batch pads only to its own longest text, then the rows
+    are put back in the caller's order.
+    """
+    if isinstance(texts, str):
+        raise RagInputError("encode_texts expects a list of strings, got a single string.")
+    texts = list(texts)
+    if not texts:
+        hidden = getattr(encoder.config, "hidden_size", None) or getattr(encoder.config, "d_model", 0)
+        return np.zeros((0, hidden), dtype=np.float32)
+    if max_length is None:
+        max_length = min(getattr(tokenizer, "model_max_length", 512) or 512, 512)
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    chunks = []
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not show_progress, unit="batch"):
+        batch = [texts[i] for i in order[start : start + batch_size]]
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        vectors = encoder_forward(encoder, method=pooling, normalize=normalize, **enc)
+        chunks.append(vectors.float().cpu().numpy())
+    encoder.train(was_training)
+    stacked = np.concatenate(chunks, axis=0)
+    out = np.empty_like(stacked)
+    out[np.asarray(order)] = stacked
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A sha256 over the names, shapes and values of a model's parameters and buffers.
+
+    Two encoders with the same fingerprint produce the same vectors, so an index records the
+    fingerprint of the encoder that built it and refuses to serve a model whose encoder differs.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

@@ -1,0 +1,164 @@
+"""Shared fixtures: every cache in a temp dir, no network, and tiny random models built here."""
+
+import os
+import socket
+import tempfile
+
+# Caches and the Hub endpoint must be set before huggingface_hub / transformers are imported.
+_CACHE_ROOT = tempfile.mkdtemp(prefix="modeling_rag_test_cache_")
+for _var, _sub in {
+    "HF_HOME": "hf_home",
+    "HF_HUB_CACHE": "hf_home/hub",
+    "HF_DATASETS_CACHE": "hf_home/datasets",
+    "HF_EVALUATE_CACHE": "hf_home/evaluate",
+    "HF_MODULES_CACHE": "hf_home/modules",
+    "MODELING_RAG_HOME": "modeling_rag_home",
+}.items():
+    os.environ[_var] = os.path.join(_CACHE_ROOT, _sub)
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The in-process Hub server (tests/hub_server.py) listens here; nothing reaches the real Hub.
+HUB_PORT = _free_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# A small fixed text that the tiny tokenizer is trained on: enough words for the toy tasks.
+TOY_TEXTS = [
+    "The Normans were the people who gave their name to Normandy, a region in France.",
+    "Rollo was the Norse leader who agreed to swear fealty to King Charles III.",
+    "Employees may work remotely up to three days a week with manager approval.",
+    "Company phones are provided to staff who are on call; personal phones are not reimbursed.",
+    "Expenses must be submitted within thirty days with receipts attached.",
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Question: Answer: Context: Title: Passage:",
+    "what who where when why how is are was were the a an of to in on and or yes no",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 100 2024",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained in-process (any text encodes; no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TOY_TEXTS * 4, trainer=trainer)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        cls_token="<s>",
+        sep_token="</s>",
+        model_max_length=512,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+def tiny_question_encoder_config(tokenizer, hidden_size: int = 32):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def tiny_generator_config(kind: str, tokenizer, max_positions: int = 256):
+    """Tiny random configs for each supported generator family."""
+    from transformers import BartConfig, GPT2Config, LlamaConfig, T5Config
+
+    v = len(tokenizer)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=v, n_positions=max_positions, n_embd=32, n_layer=2, n_head=2, **ids)
+    if kind == "llama":
+        return LlamaConfig(
+            vocab_size=v,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=max_positions,
+            **ids,
+        )
+    if kind == "bart":
+        return BartConfig(
+            vocab_size=v,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=max_positions,
+            decoder_start_token_id=tokenizer.eos_token_id,
+            forced_eos_token_id=None,
+            **ids,
+        )
+    if kind == "t5":
+        return T5Config(
+            vocab_size=v,
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=2,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="session")
+def tiny_question_encoder(tiny_tokenizer):
+    """A 2-layer, 32-wide random BERT encoder (the context encoder too, unless a test says otherwise)."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    return BertModel(tiny_question_encoder_config(tiny_tokenizer)).eval()
+
+
+GENERATOR_KINDS = ("gpt2", "llama", "bart", "t5")
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    """A per-test folder for anything a test wants to keep out of the session caches."""
+    monkeypatch.setenv("MODELING_RAG_HOME", str(tmp_path / "home"))
+    return tmp_path

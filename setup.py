@@ -44,6 +44,7 @@ setup(
             "sample_data/*.jsonl",
             "sample_data/handbook/*.md",
             "metrics/*/*.py",
+            "metrics/*/*.md",
             "templates/*.md",
         ]
     },

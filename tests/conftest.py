@@ -100,7 +100,11 @@ def tiny_generator_config(kind: str, tokenizer, max_positions: int = 256):
     from transformers import BartConfig, GPT2Config, LlamaConfig, T5Config
 
     v = len(tokenizer)
-    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     if kind == "gpt2":
         return GPT2Config(vocab_size=v, n_positions=max_positions, n_embd=32, n_layer=2, n_head=2, **ids)
     if kind == "llama":
@@ -162,3 +166,83 @@ def tmp_cache(tmp_path, monkeypatch):
     """A per-test folder for anything a test wants to keep out of the session caches."""
     monkeypatch.setenv("MODELING_RAG_HOME", str(tmp_path / "home"))
     return tmp_path
+
+
+# A tiny corpus the tiny models can retrieve from (row order = ids used by tests).
+TINY_PASSAGES = [
+    {"id": "normans", "title": "Normans", "text": "Rollo was the Norse leader who gave his name to Normandy."},
+    {"id": "france", "title": "France", "text": "The capital of France is Paris."},
+    {"id": "italy", "title": "Italy", "text": "The capital of Italy is Rome."},
+    {"id": "remote", "title": "Remote work", "text": "Employees may work remotely up to three days a week."},
+    {"id": "phones", "title": "Phones", "text": "Company phones are provided to staff who are on call."},
+    {"id": "expenses", "title": "Expenses", "text": "Expenses must be submitted within thirty days."},
+]
+
+
+def make_tiny_rag(kind: str = "gpt2", mode: str = "concat", seed: int = 0, **config_kwargs):
+    """A tiny random RagForGeneration (BERT question encoder + `kind` generator) with tokenizers."""
+    from modeling_rag import RagConfig, RagForGeneration, RagTokenizer
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    config_kwargs.setdefault("max_new_tokens", 8)
+    config_kwargs.setdefault("use_chat_template", False)
+    config = RagConfig.from_question_encoder_generator_configs(
+        tiny_question_encoder_config(tok), tiny_generator_config(kind, tok), generation_mode=mode, **config_kwargs
+    )
+    return RagForGeneration(config, tokenizer=RagTokenizer(tok, tok)).eval()
+
+
+@pytest.fixture
+def tiny_rag_factory():
+    return make_tiny_rag
+
+
+# --- local Hub server ---
+# An in-process Hub (tests/hub_server.py) on HUB_PORT, which HF_ENDPOINT above points at.
+# Tokens: HUB_TOKEN may write; HUB_READ_TOKEN may only read (a write gets 403).
+HUB_TOKEN = "hf_test_token"
+HUB_READ_TOKEN = "hf_read_only_token"
+
+
+@pytest.fixture(scope="session")
+def hub_server(tmp_path_factory):
+    """The local Hub server for the whole session (``.url``, ``.store``, ``.corrupt_file(...)``).
+
+    Repos persist across tests: give each test its own repo names (e.g. with ``uuid4().hex[:8]``).
+    """
+    from hub_server import start_hub_server
+
+    server = start_hub_server(
+        tmp_path_factory.mktemp("hub_server"), port=HUB_PORT, tokens=(HUB_TOKEN,), read_tokens=(HUB_READ_TOKEN,)
+    )
+    assert os.environ["HF_ENDPOINT"] == server.url
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture
+def hub_token(hub_server):
+    """A token with write access on ``hub_server``."""
+    return HUB_TOKEN
+
+
+@pytest.fixture
+def fresh_hf_cache(tmp_path, monkeypatch):
+    """An empty Hub cache for this test; returns its path (``HF_HUB_CACHE``).
+
+    huggingface_hub copies ``HF_HOME`` / ``HF_HUB_CACHE`` into ``huggingface_hub.constants`` at import,
+    so setting the variables is not enough: the constants are patched too (``snapshot_download``,
+    ``hf_hub_download`` and transformers read ``constants.HF_HUB_CACHE`` at call time). Passing
+    ``cache_dir=fresh_hf_cache`` explicitly works as well.
+    """
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf_home"
+    cache = home / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return str(cache)

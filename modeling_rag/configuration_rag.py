@@ -1,0 +1,312 @@
+"""RagConfig: a question encoder, a generator, and how retrieval connects them."""
+
+from __future__ import annotations
+
+import posixpath
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from .constants import INDEX_DIR, MODEL_TYPE
+from .errors import RagConfigError
+
+POOLING_METHODS = ("cls", "mean", "pooler")
+SIMILARITIES = ("ip", "l2")
+GENERATION_MODES = ("concat", "rag_sequence", "rag_token")
+RETRIEVAL_METHODS = ("dense", "bm25", "hybrid")
+FUSION_METHODS = ("rrf", "weighted")
+SEQUENCE_DECODING = ("fast", "thorough")
+
+DEFAULT_INSTRUCTION = (
+    "Answer the question using only the passages below. Give a short answer. "
+    "If the passages do not contain the answer, say that you don't know."
+)
+DEFAULT_PROMPT_TEMPLATE = "{instruction}\n\n{context}\n\nQuestion: {question}\nAnswer:"
+DEFAULT_PASSAGE_TEMPLATE = "[{rank}] {title}\n{text}"
+
+
+def _sub_config(value, field: str, default_type: str | None):
+    if isinstance(value, PretrainedConfig):
+        return value
+    if value is None:
+        if default_type is None:
+            return None
+        return CONFIG_MAPPING[default_type]()
+    if isinstance(value, dict):
+        value = dict(value)
+        model_type = value.pop("model_type", None) or default_type
+        if model_type is None:
+            raise RagConfigError(f"{field}: a sub-config dict needs a 'model_type' key.")
+        if model_type not in CONFIG_MAPPING:
+            raise RagConfigError(f"{field}: unknown model_type {model_type!r}; it is not a transformers model type.")
+        value.pop("transformers_version", None)
+        return CONFIG_MAPPING[model_type](**value)
+    raise RagConfigError(f"{field} must be a PretrainedConfig or a dict, got {type(value).__name__}.")
+
+
+def _generic_config_keys() -> set[str]:
+    from transformers import GenerationConfig
+
+    keys = set(PretrainedConfig().to_dict())
+    keys |= set(GenerationConfig._get_default_generation_params())
+    keys |= {
+        "name_or_path",
+        "_name_or_path",
+        "torch_dtype",
+        "output_attentions",
+        "attn_implementation",
+        "experts_implementation",
+        "per_layer_config",
+        "_commit_hash",
+        "num_labels",
+        "use_cache",
+        "rope_scaling",
+        "auto_map",
+        "transformers_version",
+        "model_type",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "decoder_start_token_id",
+    }
+    return keys
+
+
+def _reject_unknown_settings(kwargs: dict) -> None:
+    import difflib
+
+    unknown = sorted(set(kwargs) - _generic_config_keys())
+    if unknown:
+        known = [f for f in RagConfig.__dataclass_fields__ if not f.startswith("_")]
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise RagConfigError(f"Unknown RagConfig setting(s): {', '.join(hints)}.")
+
+
+class RagConfig(PretrainedConfig):
+    r"""Configuration of a [`RagForGeneration`] model.
+
+    It nests the configuration of the question encoder and of the generator (any transformers
+    `AutoConfig`), and holds the retrieval settings that join them. Its `model_type` is
+    `"modeling_rag"`, distinct from transformers' own `"rag"`.
+
+    Args:
+        question_encoder (`PretrainedConfig` or `dict`):
+            Configuration of the question encoder (an encoder-only model such as BERT, MiniLM or DPR).
+        generator (`PretrainedConfig` or `dict`):
+            Configuration of the generator: decoder-only (GPT-2, Llama, ...) or encoder-decoder (BART, T5).
+        context_encoder (`PretrainedConfig` or `dict`, *optional*):
+            Configuration of a separate passage encoder. `None` (default) means passages are encoded with
+            the question encoder, as MiniLM-style shared encoders do.
+        n_docs (`int`, defaults to 5):
+            Number of passages retrieved per question.
+        question_pooling (`str`, defaults to `"mean"`):
+            How token states become one question vector: `"cls"`, `"mean"` or `"pooler"`.
+        normalize_embeddings (`bool`, defaults to `True`):
+            L2-normalise question and passage vectors (inner product then equals cosine similarity).
+        similarity (`str`, defaults to `"ip"`):
+            `"ip"` (inner product) or `"l2"` (negative squared Euclidean distance); must match the index metric.
+        question_max_length (`int`, defaults to 128):
+            Question tokens kept by the question encoder; longer questions are truncated there with a warning.
+        retrieval (`str`, defaults to `"dense"`):
+            `"dense"` (FAISS), `"bm25"` (sparse) or `"hybrid"` (both rankings fused).
+        fusion (`str`, defaults to `"rrf"`):
+            How hybrid retrieval fuses rankings: `"rrf"` (reciprocal rank fusion) or `"weighted"` (scores).
+        rrf_k (`int`, defaults to 60):
+            The constant of reciprocal rank fusion.
+        hybrid_alpha (`float`, defaults to 0.5):
+            Weight of the dense score in `"weighted"` fusion (between 0 and 1).
+        generation_mode (`str`, defaults to `"concat"`):
+            How passages reach the generator. `"concat"`: all passages and the question in one input.
+            `"rag_sequence"` / `"rag_token"`: one input per passage, marginalised with the passage scores over
+            the whole answer (RAG-Sequence) or per token (RAG-Token), as in Lewis et al. (2020).
+        sequence_decoding (`str`, defaults to `"fast"`):
+            RAG-Sequence decoding: `"fast"` scores each hypothesis only under the passages that produced it;
+            `"thorough"` rescores every hypothesis under every passage.
+        max_input_tokens (`int`, *optional*):
+            Token budget of one generator input (question, passages and template). Defaults to the generator's
+            window (minus `max_new_tokens` for decoder-only generators).
+        max_new_tokens (`int`, defaults to 64):
+            Room kept for generated tokens in a decoder-only generator's window, and the default generation length.
+        max_passage_tokens (`int`, *optional*):
+            Upper bound on the tokens of one passage in the generator input; `None` means only the budget limits it.
+        min_passage_tokens (`int`, defaults to 16):
+            A passage that would be cut to fewer tokens than this is dropped instead.
+        prompt_template (`str`):
+            Generator input, with the placeholders `{context}` and `{question}` (and optional `{instruction}`).
+            Where `{context}` sits relative to `{question}` decides whether passages come first.
+        passage_template (`str`):
+            One passage, with `{title}`, `{text}` and optional `{rank}` (1-based).
+        passage_separator (`str`, defaults to `"\n\n"`):
+            Placed between passages in `"concat"` mode.
+        instruction (`str`):
+            The instruction placed in `{instruction}` (or in the system turn when a chat template is used).
+        use_chat_template (`bool`, defaults to `True`):
+            Wrap the prompt in the generator tokenizer's chat template when it has one.
+        index_path (`str`, defaults to `"index"`):
+            Relative subfolder of the saved model that holds the index. Never an absolute path.
+        index_repo_id (`str`, *optional*):
+            A Hub repository (a dataset repo by default) holding the index, when it lives outside the model repo.
+        index_revision (`str`, *optional*):
+            The revision of `index_repo_id` to load (a branch, tag or commit sha).
+        index_repo_type (`str`, defaults to `"dataset"`):
+            Repo type of `index_repo_id`.
+        loss_reduction (`str`, defaults to `"mean"`):
+            `"mean"` over questions or `"sum"`.
+        label_smoothing (`float`, defaults to 0.0):
+            Label smoothing of the token cross-entropy (`"concat"` mode).
+    """
+
+    model_type = MODEL_TYPE
+    has_no_defaults_at_init = True
+
+    question_encoder: PretrainedConfig | dict | None = None
+    generator: PretrainedConfig | dict | None = None
+    context_encoder: PretrainedConfig | dict | None = None
+    n_docs: int = 5
+    question_pooling: str = "mean"
+    normalize_embeddings: bool = True
+    similarity: str = "ip"
+    question_max_length: int = 128
+    retrieval: str = "dense"
+    fusion: str = "rrf"
+    rrf_k: int = 60
+    hybrid_alpha: float = 0.5
+    generation_mode: str = "concat"
+    sequence_decoding: str = "fast"
+    max_input_tokens: int | None = None
+    max_new_tokens: int = 64
+    max_passage_tokens: int | None = None
+    min_passage_tokens: int = 16
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    passage_template: str = DEFAULT_PASSAGE_TEMPLATE
+    passage_separator: str = "\n\n"
+    instruction: str = DEFAULT_INSTRUCTION
+    use_chat_template: bool = True
+    index_path: str = INDEX_DIR
+    index_repo_id: str | None = None
+    index_revision: str | None = None
+    index_repo_type: str = "dataset"
+    loss_reduction: str = "mean"
+    label_smoothing: float = 0.0
+    is_encoder_decoder: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        _reject_unknown_settings(kwargs)
+        self.question_encoder = _sub_config(self.question_encoder, "question_encoder", "bert")
+        self.generator = _sub_config(self.generator, "generator", "gpt2")
+        self.context_encoder = _sub_config(self.context_encoder, "context_encoder", None)
+        self.validate_rag()
+        super().__post_init__(**kwargs)
+
+    # -- validation ---------------------------------------------------------------------------------
+    def validate_rag(self) -> None:
+        """Checks every retrieval setting; raises `RagConfigError` (a `ValueError`) naming the bad field."""
+
+        def choice(field, allowed):
+            value = getattr(self, field)
+            if value not in allowed:
+                raise RagConfigError(f"{field} must be one of {list(allowed)}, got {value!r}.")
+
+        def positive_int(field, allow_none=False, minimum=1):
+            value = getattr(self, field)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise RagConfigError(f"{field} must be an integer >= {minimum}, got {value!r}.")
+
+        choice("question_pooling", POOLING_METHODS)
+        choice("similarity", SIMILARITIES)
+        choice("retrieval", RETRIEVAL_METHODS)
+        choice("fusion", FUSION_METHODS)
+        choice("generation_mode", GENERATION_MODES)
+        choice("sequence_decoding", SEQUENCE_DECODING)
+        choice("loss_reduction", ("mean", "sum"))
+        positive_int("n_docs")
+        positive_int("question_max_length")
+        positive_int("rrf_k")
+        positive_int("max_new_tokens")
+        positive_int("max_input_tokens", allow_none=True)
+        positive_int("max_passage_tokens", allow_none=True)
+        positive_int("min_passage_tokens", minimum=0)
+        if not isinstance(self.hybrid_alpha, (int, float)) or not 0.0 <= float(self.hybrid_alpha) <= 1.0:
+            raise RagConfigError(f"hybrid_alpha must be between 0 and 1, got {self.hybrid_alpha!r}.")
+        if not isinstance(self.label_smoothing, (int, float)) or not 0.0 <= float(self.label_smoothing) < 1.0:
+            raise RagConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}.")
+        if self.similarity == "l2" and self.normalize_embeddings is False and self.question_pooling == "pooler":
+            pass  # allowed: DPR-style pooler vectors with L2 search
+        for field in ("prompt_template", "passage_template", "passage_separator", "instruction"):
+            if not isinstance(getattr(self, field), str):
+                raise RagConfigError(f"{field} must be a string.")
+        for placeholder in ("{context}", "{question}"):
+            if placeholder not in self.prompt_template:
+                raise RagConfigError(f"prompt_template must contain {placeholder}; got {self.prompt_template!r}.")
+        if "{text}" not in self.passage_template:
+            raise RagConfigError(f"passage_template must contain {{text}}; got {self.passage_template!r}.")
+        try:
+            self.prompt_template.format(context="", question="", instruction="")
+            self.passage_template.format(title="", text="", rank=1)
+        except (KeyError, IndexError, ValueError) as err:
+            raise RagConfigError(
+                f"prompt_template / passage_template use an unknown placeholder ({err}); allowed: "
+                "{instruction}, {context}, {question} and {title}, {text}, {rank}."
+            ) from None
+        # index location: a relative path inside the model folder, or a Hub repo
+        path = self.index_path
+        if not isinstance(path, str) or not path:
+            raise RagConfigError("index_path must be a non-empty relative folder name, e.g. 'index'.")
+        if path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":"):
+            raise RagConfigError(f"index_path must be relative to the model folder, got the absolute path {path!r}.")
+        if ".." in posixpath.normpath(path.replace("\\", "/")).split("/"):
+            raise RagConfigError(f"index_path must stay inside the model folder, got {path!r}.")
+        if self.index_revision is not None and self.index_repo_id is None:
+            raise RagConfigError("index_revision is set but index_repo_id is not; name the repo that holds the index.")
+        choice("index_repo_type", ("dataset", "model"))
+        if self.generation_mode in ("rag_sequence", "rag_token") and self.retrieval == "bm25":
+            # marginalisation needs dense scores; bm25 rankings are rescored with the dense vectors
+            pass
+        if self.context_encoder is not None:
+            q_dim = getattr(self.question_encoder, "hidden_size", None)
+            c_dim = getattr(self.context_encoder, "hidden_size", None)
+            if q_dim is not None and c_dim is not None and q_dim != c_dim:
+                raise RagConfigError(
+                    f"context_encoder hidden_size ({c_dim}) differs from question_encoder hidden_size ({q_dim}); "
+                    "question and passage vectors must have the same dimension."
+                )
+
+    # -- constructors -------------------------------------------------------------------------------
+    @classmethod
+    def from_question_encoder_generator_configs(
+        cls,
+        question_encoder_config: PretrainedConfig,
+        generator_config: PretrainedConfig,
+        context_encoder_config: PretrainedConfig | None = None,
+        **kwargs,
+    ) -> RagConfig:
+        """Builds a RagConfig from the configs of a question encoder and a generator (and optionally a
+        separate context encoder); `kwargs` set the retrieval settings."""
+        return cls(
+            question_encoder=question_encoder_config.to_dict(),
+            generator=generator_config.to_dict(),
+            context_encoder=context_encoder_config.to_dict() if context_encoder_config is not None else None,
+            **kwargs,
+        )
+
+    @property
+    def generator_is_encoder_decoder(self) -> bool:
+        return bool(getattr(self.generator, "is_encoder_decoder", False))
+
+    @property
+    def retrieval_vector_size(self) -> int:
+        cfg = self.context_encoder or self.question_encoder
+        return int(getattr(cfg, "hidden_size", None) or cfg.d_model)
+
+    def get_text_config(self, decoder=None, encoder=None):  # noqa: D401 - transformers hook
+        """The generator's config, which generation utilities consult for vocabulary and cache sizes."""
+        return self.generator.get_text_config(decoder=decoder, encoder=encoder) if self.generator else self
+
+
+AutoConfig.register(MODEL_TYPE, RagConfig, exist_ok=True)

@@ -1,0 +1,1166 @@
+"""RagForGeneration: a question encoder, a generator and an index, as one transformers model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+)
+
+from .configuration_rag import RagConfig
+from .constants import CONFIG_NAME, GENERATOR_TOKENIZER_DIR, QUESTION_ENCODER_TOKENIZER_DIR
+from .context import ContextPacker, generator_window, pad_batch
+from .encoders import encoder_forward, weights_fingerprint
+from .errors import IndexIntegrityError, IndexMismatchError, RagConfigError, RagInputError
+from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource
+from .tokenization_rag import RagTokenizer
+
+logger = logging.getLogger(__name__)
+
+INCOMPLETE_MARKER = ".modeling_rag_incomplete"
+
+
+class RagPreTrainedModel(PreTrainedModel):
+    """Base class: the RagConfig contract, weight loading and saving."""
+
+    config_class = RagConfig
+    base_model_prefix = "rag"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        # RAG adds no layers of its own: the question encoder and generator initialise themselves.
+        return
+
+
+class _RagTokenState:
+    """Per-`generate` state of RAG-Token decoding: the generator's cache over (question, beam, document) rows."""
+
+    def __init__(self, context_ids, context_mask, doc_logprobs, n_docs, is_encoder_decoder, start_id):
+        self.context_ids = context_ids  # [B, n, L]
+        self.context_mask = context_mask  # [B, n, L]
+        self.doc_logprobs = doc_logprobs  # [B, n]
+        self.n_docs = n_docs
+        self.is_encoder_decoder = is_encoder_decoder
+        self.start_id = start_id
+        self.cache = None
+        self.mask = None
+        self.positions = None
+        self.encoder_outputs = None
+        self.prev_ids = None
+        self.expand = None
+
+
+class RagForGeneration(RagPreTrainedModel, GenerationMixin):
+    r"""Retrieval-augmented generation with any question encoder and any generator.
+
+    The model holds `question_encoder` (an `AutoModel`), `generator` (an `AutoModelForCausalLM` or
+    `AutoModelForSeq2SeqLM`), optionally a separate `context_encoder`, and two non-parameter parts:
+    `retriever` (a [`RagRetriever`] over a FAISS index) and `tokenizer` (a [`RagTokenizer`]).
+
+    Typical use:
+
+    ```python
+    model = RagForGeneration.from_pretrained("my-rag")
+    print(model.answer("What is our mobile phone policy?")[0].answer)
+    ```
+
+    `config.generation_mode` picks how passages reach the generator: `"concat"` (one input holding all
+    passages and the question), `"rag_sequence"` or `"rag_token"` (one input per passage, marginalised
+    with the passage scores).
+    """
+
+    def __init__(
+        self,
+        config: RagConfig,
+        question_encoder: PreTrainedModel | None = None,
+        generator: PreTrainedModel | None = None,
+        context_encoder: PreTrainedModel | None = None,
+        retriever=None,
+        tokenizer: RagTokenizer | None = None,
+    ):
+        super().__init__(config)
+        if question_encoder is None:
+            question_encoder = AutoModel.from_config(config.question_encoder)
+        if generator is None:
+            auto = AutoModelForSeq2SeqLM if config.generator_is_encoder_decoder else AutoModelForCausalLM
+            try:
+                generator = auto.from_config(config.generator)
+            except ValueError as err:
+                raise RagConfigError(
+                    f"generator: {type(config.generator).__name__} has no language-model head "
+                    f"({auto.__name__} does not support it); use a causal LM or a seq2seq LM config."
+                ) from err
+        if generator.get_output_embeddings() is None:
+            raise RagConfigError(
+                f"generator: {type(generator).__name__} has no language-model head; pass a model loaded with "
+                "AutoModelForCausalLM or AutoModelForSeq2SeqLM."
+            )
+        self.question_encoder = question_encoder
+        self.generator = generator
+        if context_encoder is None and config.context_encoder is not None:
+            context_encoder = AutoModel.from_config(config.context_encoder)
+        self.context_encoder = context_encoder
+        self.retriever = None
+        self.tokenizer = None
+        self._packer = None
+        self._packer_key = None
+        self.post_init()
+        self.generation_config = self._default_generation_config()
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer)
+        if retriever is not None:
+            self.set_retriever(retriever)
+
+    # ---------------------------------------------------------------------------------------------
+    # parts
+    # ---------------------------------------------------------------------------------------------
+    def _default_generation_config(self) -> GenerationConfig:
+        gen_cfg = getattr(self.generator, "generation_config", None)
+        gen_cfg = GenerationConfig.from_dict(gen_cfg.to_dict()) if gen_cfg is not None else GenerationConfig()
+        g = self.config.generator
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id"):
+            if getattr(gen_cfg, name, None) is None and getattr(g, name, None) is not None:
+                setattr(gen_cfg, name, getattr(g, name))
+        gen_cfg.max_new_tokens = self.config.max_new_tokens
+        gen_cfg.max_length = None
+        return gen_cfg
+
+    @property
+    def passage_encoder(self) -> PreTrainedModel:
+        """The encoder of passages: `context_encoder` when there is one, else the question encoder."""
+        return self.context_encoder if self.context_encoder is not None else self.question_encoder
+
+    @property
+    def is_generator_encoder_decoder(self) -> bool:
+        return bool(getattr(self.generator.config, "is_encoder_decoder", False))
+
+    def set_tokenizer(self, tokenizer: RagTokenizer) -> None:
+        """Attaches the tokenizers; checks their vocabularies fit the models."""
+        if not isinstance(tokenizer, RagTokenizer):
+            raise RagInputError(f"tokenizer must be a RagTokenizer, got {type(tokenizer).__name__}.")
+        for name, tok, model in (
+            ("question_encoder", tokenizer.question_encoder, self.question_encoder),
+            ("generator", tokenizer.generator, self.generator),
+        ):
+            emb = model.get_input_embeddings()
+            if emb is not None and len(tok) > emb.num_embeddings:
+                raise RagInputError(
+                    f"The {name} tokenizer has {len(tok)} tokens but the {name} model's embedding has only "
+                    f"{emb.num_embeddings} rows: they do not belong together. Load the tokenizer saved with the "
+                    "model, or call resize_token_embeddings on the model."
+                )
+        self.tokenizer = tokenizer
+        self._packer = None
+
+    def set_retriever(self, retriever, check_fingerprint: bool = True) -> None:
+        """Attaches a [`RagRetriever`]; its index must match this model's passage encoder."""
+        index = retriever.index
+        expected = self.config.retrieval_vector_size
+        if index.dim != expected:
+            raise IndexMismatchError(
+                f"The index holds {index.dim}-dimensional vectors but the question encoder produces {expected}: "
+                "rebuild the index with this model's encoder (model.build_index(...))."
+            )
+        if index.metric != self.config.similarity:
+            raise IndexMismatchError(
+                f"The index uses metric {index.metric!r} but config.similarity is {self.config.similarity!r}; "
+                "set config.similarity to match, or rebuild the index."
+            )
+        if check_fingerprint and index.encoder_fingerprint:
+            fingerprint = weights_fingerprint(self.passage_encoder)
+            if fingerprint != index.encoder_fingerprint:
+                raise IndexMismatchError(
+                    "The index was built with a different passage encoder than this model's (weight fingerprints "
+                    "differ), so its vectors do not match the questions' vectors. Rebuild it with "
+                    "model.build_index(...), or pass check_fingerprint=False if you know they are compatible."
+                )
+        self.retriever = retriever
+
+    def build_index(self, corpus, **kwargs):
+        """Reads, chunks and encodes `corpus` with this model's passage encoder and attaches the index.
+
+        `corpus` is a folder of .txt/.md files, a .jsonl / .csv file or a `datasets.Dataset`; keyword
+        arguments go to [`RagRetriever.from_corpus`] (kind, max_tokens, overlap, bm25, ...).
+        """
+        from .retrieval_rag import RagRetriever
+
+        if self.tokenizer is None:
+            raise RagInputError("build_index needs the model's tokenizer: call model.set_tokenizer(...) first.")
+        kwargs.setdefault("pooling", self.config.question_pooling)
+        kwargs.setdefault("normalize", self.config.normalize_embeddings)
+        kwargs.setdefault("metric", self.config.similarity)
+        kwargs.setdefault("retrieval", self.config.retrieval)
+        kwargs.setdefault("encoder_name", self.config.question_encoder._name_or_path or None)
+        retriever = RagRetriever.from_corpus(corpus, self.passage_encoder, self.tokenizer.question_encoder, **kwargs)
+        self.set_retriever(retriever, check_fingerprint=False)
+        return retriever
+
+    def packer(self) -> ContextPacker:
+        """The context packer for the current tokenizer and settings (built once, passages cached)."""
+        if self.tokenizer is None:
+            raise RagInputError("This model has no tokenizer: call model.set_tokenizer(RagTokenizer(...)) first.")
+        c = self.config
+        key = (
+            id(self.tokenizer.generator),
+            c.max_input_tokens,
+            c.max_new_tokens,
+            c.prompt_template,
+            c.passage_template,
+            c.passage_separator,
+            c.instruction,
+            c.use_chat_template,
+            c.max_passage_tokens,
+            c.min_passage_tokens,
+        )
+        if self._packer is None or self._packer_key != key:
+            window = generator_window(self.generator.config, self.tokenizer.generator)
+            budget = window if self.is_generator_encoder_decoder else window - c.max_new_tokens
+            if c.max_input_tokens is not None:
+                budget = min(budget, c.max_input_tokens)
+            self._packer = ContextPacker(
+                self.tokenizer.generator,
+                budget=budget,
+                prompt_template=c.prompt_template,
+                passage_template=c.passage_template,
+                passage_separator=c.passage_separator,
+                instruction=c.instruction,
+                use_chat_template=c.use_chat_template,
+                max_passage_tokens=c.max_passage_tokens,
+                min_passage_tokens=c.min_passage_tokens,
+            )
+            self._packer_key = key
+        return self._packer
+
+    # ---------------------------------------------------------------------------------------------
+    # questions → vectors → passages
+    # ---------------------------------------------------------------------------------------------
+    def encode_questions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Pooled question vectors `[batch, hidden]` (with gradients unless called under no_grad)."""
+        return encoder_forward(
+            self.question_encoder,
+            input_ids,
+            attention_mask,
+            self.config.question_pooling,
+            self.config.normalize_embeddings,
+            token_type_ids=kwargs.get("token_type_ids"),
+        )
+
+    def tokenize_questions(self, questions: Sequence[str]) -> dict:
+        """Question-encoder inputs, truncated to `config.question_max_length` (with a warning)."""
+        tok = self.tokenizer.question_encoder
+        ids = tok(list(questions), truncation=False)["input_ids"]
+        limit = min(self.config.question_max_length, generator_window(self.question_encoder.config, tok))
+        out = []
+        for q, row in zip(questions, ids):
+            if len(row) > limit:
+                logger.warning(
+                    "A question has %d tokens, more than the question encoder keeps (%d); its end is not used "
+                    "for retrieval: %.60s...",
+                    len(row),
+                    limit,
+                    q,
+                )
+                row = row[: limit - 1] + row[-1:]
+            out.append(row)
+        input_ids, attention_mask = pad_batch(out, tok.pad_token_id or 0, side="right")
+        return {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+
+    def _check_questions(self, questions) -> list[str]:
+        if isinstance(questions, str):
+            questions = [questions]
+        if not isinstance(questions, (list, tuple)):
+            raise RagInputError(f"questions must be a string or a list of strings, got {type(questions).__name__}.")
+        if len(questions) == 0:
+            raise RagInputError("The list of questions is empty; pass at least one question.")
+        for i, q in enumerate(questions):
+            if not isinstance(q, str):
+                raise RagInputError(f"questions[{i}] is a {type(q).__name__}, not a string.")
+            if not q.strip():
+                raise RagInputError(f"questions[{i}] is empty or only whitespace; give the text of the question.")
+        return [q.strip() for q in questions]
+
+    @torch.no_grad()
+    def retrieve(self, questions: Sequence[str] | str, n_docs: int | None = None):
+        """Retrieves passages for `questions` with the attached retriever. Returns a `RetrievalOutput`."""
+        questions = self._check_questions(questions)
+        if self.retriever is None:
+            raise RagInputError(
+                "This model has no index attached: build one with model.build_index(corpus), load a model saved "
+                "with its index, or pass passages= yourself."
+            )
+        n_docs = self._check_n_docs(n_docs)
+        embeddings = None
+        if self.config.retrieval != "bm25" or self.config.generation_mode != "concat":
+            enc = self.tokenize_questions(questions)
+            embeddings = self.encode_questions(**enc).float().cpu().numpy()
+            if not np.isfinite(embeddings).all():
+                raise RagInputError("The question encoder produced NaN or infinite vectors; check its weights.")
+        return self.retriever.retrieve(embeddings, n_docs, questions=questions)
+
+    def _check_n_docs(self, n_docs):
+        n_docs = self.config.n_docs if n_docs is None else n_docs
+        if isinstance(n_docs, bool) or not isinstance(n_docs, int) or n_docs <= 0:
+            raise RagInputError(f"n_docs must be a positive integer, got {n_docs!r}.")
+        return n_docs
+
+    # ---------------------------------------------------------------------------------------------
+    # text → tensors
+    # ---------------------------------------------------------------------------------------------
+    def prepare_inputs(
+        self,
+        questions: Sequence[str] | str,
+        answers: Sequence[str] | None = None,
+        *,
+        passages: Sequence[Sequence[dict | str]] | None = None,
+        doc_scores=None,
+        n_docs: int | None = None,
+        generation_mode: str | None = None,
+        for_generation: bool = False,
+    ) -> dict:
+        """Retrieves (unless `passages` are given), packs and tokenises a batch.
+
+        Returns a dict for `model(**batch)`: question-encoder `input_ids` / `attention_mask`, generator
+        `context_input_ids` / `context_attention_mask` (`[B, L]` in `concat` mode, `[B * n_docs, L]` in
+        the marginalised modes), `doc_scores` `[B, n_docs]`, `doc_embeddings` `[B, n_docs, d]` (when an
+        index is attached), `retrieved_doc_ids` `[B, n_docs]`, `labels` (with `answers`) and `passages`
+        (the passage dicts used, for the caller).
+        """
+        questions = self._check_questions(questions)
+        mode = generation_mode or self.config.generation_mode
+        if mode not in ("concat", "rag_sequence", "rag_token"):
+            raise RagConfigError(f"generation_mode must be 'concat', 'rag_sequence' or 'rag_token', got {mode!r}.")
+        if self.tokenizer is None:
+            raise RagInputError("This model has no tokenizer: call model.set_tokenizer(RagTokenizer(...)) first.")
+        if answers is not None:
+            if isinstance(answers, str):
+                answers = [answers]
+            if len(answers) != len(questions):
+                raise RagInputError(f"Got {len(questions)} questions but {len(answers)} answers; give one answer each.")
+            for i, a in enumerate(answers):
+                if not isinstance(a, str) or not a.strip():
+                    raise RagInputError(f"answers[{i}] must be a non-empty string.")
+        batch: dict = {}
+        enc = self.tokenize_questions(questions)
+        batch.update(enc)
+        if passages is None:
+            retrieved = self.retrieve(questions, n_docs)
+            passage_lists = retrieved.passages
+            scores = torch.as_tensor(np.asarray(retrieved.doc_scores, dtype=np.float32))
+            ids = torch.as_tensor(np.asarray(retrieved.row_ids, dtype=np.int64))
+            if retrieved.doc_embeddings is not None:
+                batch["doc_embeddings"] = torch.as_tensor(np.asarray(retrieved.doc_embeddings, dtype=np.float32)).to(
+                    self.device
+                )
+        else:
+            passage_lists = self._check_passages(passages, len(questions), mode)
+            n = max(len(p) for p in passage_lists)
+            if doc_scores is None:
+                scores = torch.zeros(len(questions), n)
+            else:
+                scores = torch.as_tensor(doc_scores, dtype=torch.float32)
+                if scores.shape != (len(questions), n):
+                    raise RagInputError(
+                        f"doc_scores has shape {tuple(scores.shape)} but the passages need ({len(questions)}, {n})."
+                    )
+            ids = torch.full((len(questions), n), -1, dtype=torch.long)
+        batch["doc_scores"] = scores.to(self.device)
+        batch["retrieved_doc_ids"] = ids.to(self.device)
+        batch["passages"] = passage_lists
+        packer = self.packer()
+        if mode == "concat":
+            packed = [packer.pack(q, p) for q, p in zip(questions, passage_lists)]
+            rows = [x.input_ids for x in packed]
+            row_answers = answers
+        else:
+            n = scores.shape[1]
+            packed = [x for q, p in zip(questions, passage_lists) for x in packer.pack_each(q, p)]
+            rows = [x.input_ids for x in packed]
+            row_answers = None if answers is None else [a for a in answers for _ in range(n)]
+        batch.update(self._tensorize(rows, row_answers, answers, for_generation))
+        return batch
+
+    def _check_passages(self, passages, batch_size: int, mode: str) -> list[list[dict]]:
+        if not isinstance(passages, (list, tuple)) or len(passages) != batch_size:
+            raise RagInputError(
+                f"passages must be a list with one list of passages per question ({batch_size}), got "
+                f"{len(passages) if isinstance(passages, (list, tuple)) else type(passages).__name__}."
+            )
+        out = []
+        for i, plist in enumerate(passages):
+            if isinstance(plist, (str, dict)):
+                plist = [plist]
+            if not isinstance(plist, (list, tuple)) or not plist:
+                raise RagInputError(f"passages[{i}] must be a non-empty list of passages (strings or dicts).")
+            items = []
+            for p in plist:
+                if isinstance(p, str):
+                    p = {"id": None, "title": "", "text": p}
+                elif not isinstance(p, dict) or not isinstance(p.get("text"), str):
+                    raise RagInputError(f"passages[{i}] holds an item that is neither a string nor a dict with 'text'.")
+                items.append(p)
+            out.append(items)
+        if mode != "concat" and len({len(p) for p in out}) != 1:
+            raise RagInputError(
+                f"In {mode} mode every question needs the same number of passages; got {[len(p) for p in out]}."
+            )
+        return out
+
+    def _tensorize(self, prompt_rows, row_answers, answers, for_generation) -> dict:
+        gen_tok = self.tokenizer.generator
+        pad_id = gen_tok.pad_token_id
+        device = self.device
+        out = {}
+        if self.is_generator_encoder_decoder:
+            ids, mask = pad_batch(prompt_rows, pad_id, side="right")
+            out["context_input_ids"], out["context_attention_mask"] = ids.to(device), mask.to(device)
+            if answers is not None:
+                label_rows = [self._answer_ids(a, with_eos=True) for a in answers]
+                labels, lmask = pad_batch(label_rows, pad_id, side="right")
+                labels[lmask == 0] = -100
+                out["labels"] = labels.to(device)
+            return out
+        if row_answers is None or for_generation:
+            ids, mask = pad_batch(prompt_rows, pad_id, side="left" if for_generation else "right")
+            out["context_input_ids"], out["context_attention_mask"] = ids.to(device), mask.to(device)
+            return out
+        seqs, labels = [], []
+        for prompt, answer in zip(prompt_rows, row_answers):
+            a_ids = self._answer_ids(answer, with_eos=True)
+            seqs.append(prompt + a_ids)
+            labels.append([-100] * len(prompt) + a_ids)
+        ids, mask = pad_batch(seqs, pad_id, side="right")
+        lab, _ = pad_batch(labels, -100, side="right")
+        out["context_input_ids"], out["context_attention_mask"], out["labels"] = (
+            ids.to(device),
+            mask.to(device),
+            lab.to(device),
+        )
+        return out
+
+    def _answer_ids(self, answer: str, with_eos: bool) -> list[int]:
+        tok = self.tokenizer.generator
+        ids = list(
+            tok(
+                " " + answer.strip() if not self.is_generator_encoder_decoder else answer.strip(),
+                add_special_tokens=False,
+            )["input_ids"]
+        )
+        ids = ids[: self.config.max_new_tokens - 1] if with_eos else ids[: self.config.max_new_tokens]
+        if with_eos and tok.eos_token_id is not None:
+            ids.append(tok.eos_token_id)
+        return ids
+
+    # ---------------------------------------------------------------------------------------------
+    # forward
+    # ---------------------------------------------------------------------------------------------
+    def _doc_scores(self, question_embeddings, doc_embeddings, doc_scores):
+        if question_embeddings is None or doc_embeddings is None:
+            return doc_scores
+        doc_embeddings = doc_embeddings.to(question_embeddings.dtype)
+        if self.config.similarity == "ip":
+            return torch.bmm(doc_embeddings, question_embeddings.unsqueeze(-1)).squeeze(-1)
+        return -((doc_embeddings - question_embeddings.unsqueeze(1)) ** 2).sum(-1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        context_input_ids: torch.LongTensor | None = None,
+        context_attention_mask: torch.Tensor | None = None,
+        doc_scores: torch.FloatTensor | None = None,
+        doc_embeddings: torch.FloatTensor | None = None,
+        retrieved_doc_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        question_embeddings: torch.FloatTensor | None = None,
+        questions: Sequence[str] | None = None,
+        answers: Sequence[str] | None = None,
+        passages: list | None = None,
+        n_docs: int | None = None,
+        generation_mode: str | None = None,
+        rag_state: _RagTokenState | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> RagOutput:
+        r"""Scores answers given questions and passages.
+
+        Either pass text (`questions`, optional `answers` and `passages`), or the tensors that
+        [`prepare_inputs`] returns. With `labels`, `loss` is the answer-token cross-entropy (`concat`)
+        or the marginal negative log-likelihood over documents (`rag_sequence` / `rag_token`), whose
+        gradient reaches the question encoder through `doc_scores` when `doc_embeddings` are given.
+        """
+        if rag_state is not None:
+            return self._rag_token_step(input_ids, rag_state)
+        mode = generation_mode or self.config.generation_mode
+        if questions is not None:
+            batch = self.prepare_inputs(
+                questions, answers, passages=passages, doc_scores=doc_scores, n_docs=n_docs, generation_mode=mode
+            )
+            batch.pop("passages")
+            return self.forward(**batch, generation_mode=mode)
+        if context_input_ids is None:
+            raise RagInputError(
+                "forward needs either questions= (text) or context_input_ids (see RagForGeneration.prepare_inputs)."
+            )
+        if question_embeddings is None and input_ids is not None and doc_embeddings is not None:
+            question_embeddings = self.encode_questions(input_ids, attention_mask)
+        scores = self._doc_scores(question_embeddings, doc_embeddings, doc_scores)
+
+        if mode == "concat":
+            logits, loss = self._concat_forward(context_input_ids, context_attention_mask, labels)
+            return RagOutput(
+                loss=loss,
+                logits=logits,
+                doc_scores=scores,
+                retrieved_doc_ids=retrieved_doc_ids,
+                question_embeddings=question_embeddings,
+            )
+
+        if scores is None:
+            raise RagInputError(f"{mode} mode needs doc_scores (or doc_embeddings and question input_ids).")
+        batch_size, n = scores.shape
+        if context_input_ids.shape[0] != batch_size * n:
+            raise RagInputError(
+                f"{mode} mode needs one generator input per document: context_input_ids has "
+                f"{context_input_ids.shape[0]} rows, expected batch_size * n_docs = {batch_size * n}."
+            )
+        logits, token_logprobs, token_mask = self._per_doc_token_logprobs(
+            context_input_ids, context_attention_mask, labels, batch_size, n
+        )
+        loss = posteriors = None
+        if token_logprobs is not None:
+            doc_logprobs = torch.log_softmax(scores.float(), dim=-1)  # [B, n]
+            tok_lp = token_logprobs.view(batch_size, n, -1)  # [B, n, T]
+            mask = token_mask.view(batch_size, n, -1)[:, 0]  # [B, T]
+            seq_lp = (tok_lp * mask.unsqueeze(1)).sum(-1)  # [B, n]
+            if mode == "rag_sequence":
+                nll = -torch.logsumexp(doc_logprobs + seq_lp, dim=-1)
+            else:
+                per_token = torch.logsumexp(doc_logprobs.unsqueeze(-1) + tok_lp, dim=1)  # [B, T]
+                nll = -(per_token * mask).sum(-1)
+            loss = nll.mean() if self.config.loss_reduction == "mean" else nll.sum()
+            posteriors = torch.softmax(doc_logprobs + seq_lp, dim=-1).detach()
+        return RagOutput(
+            loss=loss,
+            logits=logits,
+            doc_scores=scores,
+            retrieved_doc_ids=retrieved_doc_ids,
+            question_embeddings=question_embeddings,
+            doc_posteriors=posteriors,
+        )
+
+    def _decoder_only_forward(self, ids, mask, **kwargs):
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.generator(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+
+    def _concat_forward(self, ids, mask, labels):
+        if self.is_generator_encoder_decoder:
+            out = self.generator(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+            logits = out.logits
+            if labels is None:
+                return logits, None
+            loss = nn.functional.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]),
+                labels.view(-1),
+                ignore_index=-100,
+                label_smoothing=self.config.label_smoothing,
+            )
+            return logits, loss
+        out = self._decoder_only_forward(ids, mask, use_cache=False)
+        logits = out.logits
+        if labels is None:
+            return logits, None
+        shift_logits = logits[:, :-1].float()
+        shift_labels = labels[:, 1:]
+        loss = nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            label_smoothing=self.config.label_smoothing,
+        )
+        return logits, loss
+
+    def _per_doc_token_logprobs(self, ids, mask, labels, batch_size, n):
+        """Log-probabilities of the answer tokens under each document: `[B * n, T]` plus the token mask."""
+        if self.is_generator_encoder_decoder:
+            if labels is not None and labels.shape[0] == batch_size:
+                labels = labels.repeat_interleave(n, dim=0)
+            out = self.generator(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+            logits = out.logits
+            if labels is None:
+                return logits, None, None
+            token_mask = labels != -100
+            lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            return logits, lp * token_mask, token_mask.float()
+        out = self._decoder_only_forward(ids, mask, use_cache=False)
+        logits = out.logits
+        if labels is None:
+            return logits, None, None
+        # answer tokens sit at different positions in each row: gather them into aligned columns
+        shift_labels = labels[:, 1:]
+        valid = shift_labels != -100  # [R, L-1]
+        lp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        lp = lp_all.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid  # [R, L-1]
+        counts = valid.sum(-1)
+        t_max = int(counts.max().item()) if counts.numel() else 0
+        column = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        aligned = lp.new_zeros(lp.shape[0], t_max + 1)
+        target_col = torch.where(valid, column, torch.full_like(column, t_max))
+        aligned.scatter_add_(1, target_col, lp)
+        aligned = aligned[:, :t_max]
+        token_mask = (torch.arange(t_max, device=lp.device).unsqueeze(0) < counts.unsqueeze(1)).float()
+        return logits, aligned, token_mask
+
+    # ---------------------------------------------------------------------------------------------
+    # generation
+    # ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        questions: Sequence[str] | str | None = None,
+        *,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        passages: Sequence[Sequence[dict | str]] | None = None,
+        doc_scores=None,
+        context_input_ids: torch.LongTensor | None = None,
+        context_attention_mask: torch.Tensor | None = None,
+        n_docs: int | None = None,
+        generation_mode: str | None = None,
+        sequence_decoding: str | None = None,
+        return_dict_in_generate: bool = False,
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ):
+        r"""Generates answers. Returns answer token ids `[B * num_return_sequences, T]` (prompt excluded),
+        or a [`RagGenerateOutput`] with `return_dict_in_generate=True`.
+
+        Give `questions` as text (retrieval and packing happen here), or question-encoder `input_ids`
+        (decoded back to text for the generator), or pre-packed `context_input_ids` with `doc_scores`.
+        `passages` (one list per question) and `doc_scores` replace retrieval, so the model works
+        without an index. Generation arguments (`max_new_tokens`, `num_beams`, `do_sample`, `top_p`,
+        `num_return_sequences`, ...) are those of transformers' `generate`.
+        """
+        mode = generation_mode or self.config.generation_mode
+        if mode not in ("concat", "rag_sequence", "rag_token"):
+            raise RagConfigError(f"generation_mode must be 'concat', 'rag_sequence' or 'rag_token', got {mode!r}.")
+        passage_lists = None
+        retrieved_ids = None
+        doc_embeddings = None
+        if context_input_ids is None:
+            if questions is None:
+                if input_ids is None:
+                    raise RagInputError("generate needs questions (text), input_ids or context_input_ids.")
+                questions = self.tokenizer.question_encoder.batch_decode(input_ids, skip_special_tokens=True)
+            batch = self.prepare_inputs(
+                questions,
+                passages=passages,
+                doc_scores=doc_scores,
+                n_docs=n_docs,
+                generation_mode=mode,
+                for_generation=True,
+            )
+            context_input_ids = batch["context_input_ids"]
+            context_attention_mask = batch["context_attention_mask"]
+            doc_scores = batch["doc_scores"]
+            retrieved_ids = batch["retrieved_doc_ids"]
+            passage_lists = batch["passages"]
+            doc_embeddings = batch.get("doc_embeddings")
+        else:
+            if context_attention_mask is None:
+                context_attention_mask = (context_input_ids != self.tokenizer.generator.pad_token_id).long()
+            if doc_scores is not None:
+                doc_scores = torch.as_tensor(doc_scores, dtype=torch.float32, device=self.device)
+        if doc_scores is not None and doc_embeddings is not None and self.config.retrieval == "dense":
+            doc_scores = doc_scores.float()
+        gen_kwargs = dict(kwargs)
+        if generation_config is not None:
+            gen_kwargs = {**generation_config.to_diff_dict(), **gen_kwargs}
+        gen_kwargs.setdefault("max_new_tokens", self.config.max_new_tokens)
+        self._check_generation_length(context_input_ids, gen_kwargs["max_new_tokens"])
+
+        posteriors = seq_scores = None
+        if mode == "concat":
+            sequences = self._generate_concat(context_input_ids, context_attention_mask, gen_kwargs)
+        elif mode == "rag_token":
+            sequences = self._generate_rag_token(context_input_ids, context_attention_mask, doc_scores, gen_kwargs)
+        else:
+            sequences, seq_scores = self._generate_rag_sequence(
+                context_input_ids, context_attention_mask, doc_scores, gen_kwargs, sequence_decoding
+            )
+        if mode != "concat" and doc_scores is not None:
+            posteriors = self._answer_posteriors(context_input_ids, context_attention_mask, doc_scores, sequences)
+        if not return_dict_in_generate:
+            return sequences
+        return RagGenerateOutput(
+            sequences=sequences,
+            doc_scores=doc_scores,
+            retrieved_doc_ids=retrieved_ids,
+            doc_posteriors=posteriors,
+            sequences_scores=seq_scores,
+            passages=passage_lists,
+        )
+
+    def _check_generation_length(self, context_input_ids, max_new_tokens):
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise RagInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        if self.is_generator_encoder_decoder:
+            return
+        window = generator_window(self.generator.config, self.tokenizer.generator if self.tokenizer else None)
+        longest = context_input_ids.shape[1]
+        if longest + max_new_tokens > window:
+            raise RagInputError(
+                f"The longest input has {longest} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                f"generator window of {window}. Lower max_new_tokens, or set config.max_new_tokens to at least "
+                f"{max_new_tokens} so packing keeps room for it."
+            )
+
+    def _strip_prompt(self, sequences, prompt_length):
+        if self.is_generator_encoder_decoder:
+            return sequences[:, 1:]
+        return sequences[:, prompt_length:]
+
+    def _pad_id(self):
+        pad = self.generation_config.pad_token_id
+        if pad is None:
+            eos = self.generation_config.eos_token_id
+            pad = eos[0] if isinstance(eos, list) else eos
+        return 0 if pad is None else pad
+
+    def _generate_concat(self, ids, mask, gen_kwargs):
+        gen_kwargs = self._generation_kwargs(gen_kwargs)
+        out = self.generator.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+        return self._strip_prompt(out, ids.shape[1])
+
+    def _generation_kwargs(self, gen_kwargs: dict) -> dict:
+        """One GenerationConfig holding the model's defaults updated with the caller's arguments."""
+        cfg = GenerationConfig.from_dict(self.generation_config.to_dict())
+        cfg.max_length = None
+        if cfg.pad_token_id is None:
+            cfg.pad_token_id = self._pad_id()
+        unused = cfg.update(**gen_kwargs)
+        cfg.validate()
+        return {"generation_config": cfg, **unused}
+
+    def _generate_rag_sequence(self, ids, mask, doc_scores, gen_kwargs, sequence_decoding):
+        decoding = sequence_decoding or self.config.sequence_decoding
+        if decoding not in ("fast", "thorough"):
+            raise RagConfigError(f"sequence_decoding must be 'fast' or 'thorough', got {decoding!r}.")
+        batch_size, n = doc_scores.shape
+        num_return = gen_kwargs.pop("num_return_sequences", 1) or 1
+        num_beams = gen_kwargs.get("num_beams", 1) or 1
+        per_doc = max(num_beams, 1) if not gen_kwargs.get("do_sample") else max(num_return, 1)
+        gen_kwargs = self._generation_kwargs({**gen_kwargs, "num_return_sequences": per_doc})
+        out = self.generator.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+        cands = self._strip_prompt(out, ids.shape[1])  # [B * n * per_doc, T]
+        cands = self._trim_after_eos(cands)
+        c = n * per_doc
+        doc_logprobs = torch.log_softmax(doc_scores.float(), dim=-1)  # [B, n]
+        if decoding == "thorough":
+            # every hypothesis of a question under every document of that question
+            cand_rows = cands.view(batch_size, c, -1).repeat_interleave(n, dim=1).reshape(batch_size * c * n, -1)
+            ctx_rows = ids.view(batch_size, n, -1).repeat(1, c, 1).reshape(batch_size * c * n, -1)
+            ctx_mask = mask.view(batch_size, n, -1).repeat(1, c, 1).reshape(batch_size * c * n, -1)
+            seq_lp = self._sequence_logprobs(ctx_rows, ctx_mask, cand_rows).view(batch_size, c, n)
+            marginal = torch.logsumexp(doc_logprobs.unsqueeze(1) + seq_lp, dim=-1)  # [B, c]
+        else:
+            # each hypothesis under the document that produced it; identical hypotheses pool their mass
+            ctx_rows = ids.repeat_interleave(per_doc, dim=0)
+            ctx_mask = mask.repeat_interleave(per_doc, dim=0)
+            seq_lp = self._sequence_logprobs(ctx_rows, ctx_mask, cands).view(batch_size, c)
+            joint = doc_logprobs.repeat_interleave(per_doc, dim=1) + seq_lp  # [B, c]
+            same = self._same_hypothesis(cands.view(batch_size, c, -1))  # [B, c, c]
+            marginal = torch.logsumexp(joint.unsqueeze(1).masked_fill(~same, float("-inf")), dim=-1)
+        cands = cands.view(batch_size, c, -1)
+        # keep distinct hypotheses only, then the best num_return of each question
+        same = self._same_hypothesis(cands)
+        first = ~torch.tril(same, diagonal=-1).any(-1)  # [B, c]: first occurrence of each distinct hypothesis
+        ranked = marginal.masked_fill(~first, float("-inf"))
+        k = min(num_return, c)
+        top = ranked.topk(k, dim=-1)
+        picked = cands.gather(1, top.indices.unsqueeze(-1).expand(-1, -1, cands.shape[-1]))
+        return picked.reshape(batch_size * k, -1), top.values.reshape(-1)
+
+    def _trim_after_eos(self, seqs):
+        eos = self.generation_config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+        if not eos_ids:
+            return seqs
+        is_eos = torch.zeros_like(seqs, dtype=torch.bool)
+        for e in eos_ids:
+            is_eos |= seqs == e
+        after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        return seqs.masked_fill(after, self._pad_id())
+
+    @staticmethod
+    def _same_hypothesis(cands):
+        """`[B, c, c]`: whether hypotheses i and j of a question are the same token sequence."""
+        return (cands.unsqueeze(2) == cands.unsqueeze(1)).all(-1)
+
+    def _sequence_logprobs(self, ctx_ids, ctx_mask, answer_ids):
+        """Sum of log p(answer tokens | context) for each row; answers are right-padded with pad/eos."""
+        pad = self._pad_id()
+        eos = self.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        # answer mask: tokens up to and including the first eos; padding after it is ignored
+        is_eos = torch.zeros_like(answer_ids, dtype=torch.bool)
+        for e in eos_ids:
+            is_eos |= answer_ids == e
+        before_eos = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+        ans_mask = before_eos & ((answer_ids != pad) | is_eos)
+        if self.is_generator_encoder_decoder:
+            labels = answer_ids.masked_fill(~ans_mask, -100)
+            out = self.generator(input_ids=ctx_ids, attention_mask=ctx_mask, labels=labels, use_cache=False)
+            lp = torch.log_softmax(out.logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            return (lp * ans_mask).sum(-1)
+        # decoder-only: left-padded context followed by the answer
+        ids = torch.cat([ctx_ids, answer_ids], dim=1)
+        mask = torch.cat([ctx_mask, ans_mask.long()], dim=1)
+        out = self._decoder_only_forward(ids, mask, use_cache=False)
+        logits = out.logits[:, ctx_ids.shape[1] - 1 : -1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
+        return (lp * ans_mask).sum(-1)
+
+    def _answer_posteriors(self, ids, mask, doc_scores, sequences):
+        """p(document | question, answer) for the first returned answer of each question."""
+        batch_size, n = doc_scores.shape
+        per_q = sequences.shape[0] // batch_size
+        first = sequences.view(batch_size, per_q, -1)[:, 0]
+        first = self._trim_after_eos(first)
+        seq_lp = self._sequence_logprobs(ids, mask, first.repeat_interleave(n, dim=0)).view(batch_size, n)
+        return torch.softmax(torch.log_softmax(doc_scores.float(), -1) + seq_lp, dim=-1)
+
+    def _generate_rag_token(self, ids, mask, doc_scores, gen_kwargs):
+        batch_size, n = doc_scores.shape
+        start = None
+        if self.is_generator_encoder_decoder:
+            start = self.generator.config.decoder_start_token_id
+            if start is None:
+                start = self.generator.config.pad_token_id
+        # a placeholder first token for GenerationMixin, removed from the output; not pad, so that no
+        # padding is suspected
+        placeholder = self.generation_config.bos_token_id
+        if placeholder is None or placeholder == self._pad_id():
+            placeholder = 1 if self._pad_id() != 1 else 2
+        state = _RagTokenState(
+            ids.view(batch_size, n, -1),
+            mask.view(batch_size, n, -1),
+            torch.log_softmax(doc_scores.float(), dim=-1),
+            n,
+            self.is_generator_encoder_decoder,
+            start,
+        )
+        dummy = torch.full((batch_size, 1), placeholder, dtype=torch.long, device=self.device)
+        gen_kwargs = self._generation_kwargs({**gen_kwargs, "use_cache": False})  # the cache lives in rag_state
+        out = GenerationMixin.generate(self, input_ids=dummy, rag_state=state, **gen_kwargs)
+        return out[:, 1:]
+
+    def prepare_inputs_for_generation(self, input_ids, rag_state=None, **kwargs):
+        if rag_state is None:
+            raise RagInputError("RagForGeneration.generate drives generation; call it rather than GenerationMixin.")
+        return {"input_ids": input_ids, "rag_state": rag_state}
+
+    def _rag_token_step(self, input_ids, state: _RagTokenState) -> RagOutput:
+        """One RAG-Token decoding step: log p(y_t | x, y_<t) = logsumexp_d log p(d|x) + log p(y_t | x, d, y_<t)."""
+        rows = input_ids.shape[0]
+        n = state.n_docs
+        if state.cache is None:
+            expand = rows // state.doc_logprobs.shape[0]
+            state.expand = expand
+            ctx = state.context_ids.repeat_interleave(expand, dim=0).reshape(rows * n, -1)
+            ctx_mask = state.context_mask.repeat_interleave(expand, dim=0).reshape(rows * n, -1)
+            state.doc_logprobs = state.doc_logprobs.repeat_interleave(expand, dim=0)
+            if state.is_encoder_decoder:
+                encoder = self.generator.get_encoder()
+                state.encoder_outputs = encoder(input_ids=ctx, attention_mask=ctx_mask, return_dict=True)
+                state.mask = ctx_mask
+                dec = torch.full((rows * n, 1), state.start_id, dtype=torch.long, device=ctx.device)
+                out = self.generator(
+                    encoder_outputs=state.encoder_outputs,
+                    attention_mask=ctx_mask,
+                    decoder_input_ids=dec,
+                    use_cache=True,
+                )
+            else:
+                positions = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
+                out = self.generator(input_ids=ctx, attention_mask=ctx_mask, position_ids=positions, use_cache=True)
+                state.mask = ctx_mask
+                state.positions = positions[:, -1:]
+            state.cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        else:
+            # beams may have been reordered: find each row's previous row by its token prefix
+            prefix = input_ids[:, :-1]
+            if not torch.equal(prefix, state.prev_ids):
+                group = torch.arange(rows, device=input_ids.device) // state.expand
+                same_group = group.unsqueeze(1) == group.unsqueeze(0)
+                matches = (prefix.unsqueeze(1) == state.prev_ids.unsqueeze(0)).all(-1) & same_group
+                source = matches.float().argmax(dim=1)
+                row_idx = (source.unsqueeze(1) * n + torch.arange(n, device=input_ids.device)).reshape(-1)
+                state.cache.reorder_cache(row_idx)
+                state.mask = state.mask.index_select(0, row_idx)
+                if state.positions is not None:
+                    state.positions = state.positions.index_select(0, row_idx)
+            token = input_ids[:, -1:].repeat_interleave(n, dim=0)
+            if state.is_encoder_decoder:
+                out = self.generator(
+                    encoder_outputs=state.encoder_outputs,
+                    attention_mask=state.mask,
+                    decoder_input_ids=token,
+                    cache=state.cache,
+                    use_cache=True,
+                )
+            else:
+                state.mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], 1)], dim=1)
+                state.positions = state.positions + 1
+                out = self.generator(
+                    input_ids=token,
+                    attention_mask=state.mask,
+                    position_ids=state.positions,
+                    cache=state.cache,
+                    use_cache=True,
+                )
+            state.cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        state.prev_ids = input_ids
+        logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(rows, n, -1)
+        marginal = torch.logsumexp(logprobs + state.doc_logprobs.unsqueeze(-1), dim=1)
+        return RagOutput(logits=marginal.unsqueeze(1))
+
+    # ---------------------------------------------------------------------------------------------
+    # the friendly path: questions in, answers with sources out
+    # ---------------------------------------------------------------------------------------------
+    def answer(
+        self,
+        questions: Sequence[str] | str,
+        *,
+        passages: Sequence[Sequence[dict | str]] | None = None,
+        doc_scores=None,
+        n_docs: int | None = None,
+        generation_mode: str | None = None,
+        **generate_kwargs,
+    ) -> list[RagAnswer]:
+        """Answers each question and returns the text with its sources (id, title, score, posterior)."""
+        questions = self._check_questions(questions)
+        out = self.generate(
+            questions,
+            passages=passages,
+            doc_scores=doc_scores,
+            n_docs=n_docs,
+            generation_mode=generation_mode,
+            return_dict_in_generate=True,
+            **generate_kwargs,
+        )
+        per_q = out.sequences.shape[0] // len(questions)
+        texts = self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        answers = []
+        for i, q in enumerate(questions):
+            sources = []
+            for rank, p in enumerate(out.passages[i]):
+                score = float(out.doc_scores[i, rank]) if out.doc_scores is not None else float("nan")
+                post = float(out.doc_posteriors[i, rank]) if out.doc_posteriors is not None else None
+                sources.append(
+                    RagSource(
+                        id=str(p.get("id")) if p.get("id") is not None else f"passage-{rank + 1}",
+                        title=p.get("title") or "",
+                        text=p.get("text") or "",
+                        score=score,
+                        source=p.get("source"),
+                        rank=rank + 1,
+                        posterior=post,
+                    )
+                )
+            answers.append(RagAnswer(question=q, answer=texts[i * per_q].strip(), sources=sources))
+        return answers
+
+    # ---------------------------------------------------------------------------------------------
+    # construction, saving, loading
+    # ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained_question_encoder_generator(
+        cls,
+        question_encoder_name_or_path: str,
+        generator_name_or_path: str,
+        context_encoder_name_or_path: str | None = None,
+        *,
+        retriever=None,
+        dtype: torch.dtype | None = None,
+        **config_kwargs,
+    ) -> RagForGeneration:
+        """Builds a model from two existing checkpoints (local folders or Hub ids), with their tokenizers."""
+        qe = AutoModel.from_pretrained(question_encoder_name_or_path, dtype=dtype)
+        gen_config = AutoConfig.from_pretrained(generator_name_or_path)
+        auto = AutoModelForSeq2SeqLM if getattr(gen_config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        try:
+            gen = auto.from_pretrained(generator_name_or_path, dtype=dtype)
+        except ValueError as err:
+            raise RagConfigError(
+                f"generator: {generator_name_or_path} has no language-model head usable by {auto.__name__}."
+            ) from err
+        ce = (
+            AutoModel.from_pretrained(context_encoder_name_or_path, dtype=dtype)
+            if context_encoder_name_or_path
+            else None
+        )
+        config = RagConfig.from_question_encoder_generator_configs(
+            qe.config, gen.config, ce.config if ce is not None else None, **config_kwargs
+        )
+        config.question_encoder._name_or_path = str(question_encoder_name_or_path)
+        config.generator._name_or_path = str(generator_name_or_path)
+        tokenizer = RagTokenizer(
+            AutoTokenizer.from_pretrained(question_encoder_name_or_path),
+            AutoTokenizer.from_pretrained(generator_name_or_path),
+        )
+        model = cls(config, question_encoder=qe, generator=gen, context_encoder=ce, tokenizer=tokenizer)
+        if retriever is not None:
+            model.set_retriever(retriever)
+        return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, save_index: bool = True, **kwargs):
+        """Saves config, safetensors weights, tokenizers and the index (in `config.index_path`).
+
+        Everything is written into a staging folder first and then moved into place, so a process
+        killed mid-save leaves the previous files (and a marker saying the save did not finish);
+        files of your own in the folder are kept.
+        """
+        if kwargs.pop("safe_serialization", True) is False:
+            raise RagInputError("RagForGeneration saves weights only as safetensors (no pickle).")
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise RagInputError(f"save_pretrained needs a folder, but {save_directory} is a file.")
+        os.makedirs(save_directory, exist_ok=True)
+        staging = os.path.join(save_directory, f".staging-{uuid.uuid4().hex[:8]}")
+        os.makedirs(staging)
+        try:
+            super().save_pretrained(staging, **kwargs)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+            if save_index and self.retriever is not None and self.config.index_repo_id is None:
+                self.retriever.save(os.path.join(staging, self.config.index_path))
+            marker = os.path.join(save_directory, INCOMPLETE_MARKER)
+            with open(marker, "w") as f:
+                f.write("a save_pretrained call did not finish; save the model again\n")
+            for name in sorted(os.listdir(staging)):
+                _replace(os.path.join(staging, name), os.path.join(save_directory, name))
+            os.remove(marker)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Publishes the whole model (weights, tokenizers, index, model card) in one commit; returns its URL."""
+        from .hub_utils import push_model_to_hub
+
+        return push_model_to_hub(self, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        token: str | None = None,
+        local_files_only: bool = False,
+        load_index: bool = True,
+        mmap_index: bool = False,
+        verify_index: bool = True,
+        **kwargs,
+    ) -> RagForGeneration:
+        """Loads a saved model from a local folder or a Hub repo (pinned with `revision`), with its
+        tokenizers and index. `load_index=False` skips the index; `mmap_index=True` memory-maps it."""
+        from .hub_utils import resolve_model_folder
+
+        folder = resolve_model_folder(
+            os.fspath(pretrained_model_name_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+        )
+        if os.path.exists(os.path.join(folder, INCOMPLETE_MARKER)):
+            raise IndexIntegrityError(
+                f"{folder} holds a save that did not finish (a process stopped during save_pretrained); "
+                "save the model again."
+            )
+        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            raise OSError(f"{pretrained_model_name_or_path} has no {CONFIG_NAME}; it is not a saved RAG model.")
+        model = super().from_pretrained(folder, *model_args, **kwargs)
+        if os.path.isdir(os.path.join(folder, QUESTION_ENCODER_TOKENIZER_DIR)) and os.path.isdir(
+            os.path.join(folder, GENERATOR_TOKENIZER_DIR)
+        ):
+            model.set_tokenizer(RagTokenizer.from_pretrained(folder))
+        if load_index:
+            model._load_index(
+                folder,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+                mmap=mmap_index,
+                verify=verify_index,
+            )
+        return model
+
+    def _load_index(self, folder, *, cache_dir, token, local_files_only, mmap, verify):
+        from .hub_utils import resolve_model_folder
+
+        c = self.config
+        if c.index_repo_id:
+            index_folder = resolve_model_folder(
+                c.index_repo_id,
+                revision=c.index_revision,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+                repo_type=c.index_repo_type,
+            )
+        else:
+            index_folder = os.path.join(folder, c.index_path)
+            if not os.path.isdir(index_folder):
+                return
+        from .retrieval_rag import RagRetriever
+
+        retriever = RagRetriever.load(
+            index_folder,
+            mmap=mmap,
+            verify_checksums=verify,
+            expected_dim=c.retrieval_vector_size,
+            expected_fingerprint=weights_fingerprint(self.passage_encoder) if verify else None,
+        )
+        self.set_retriever(retriever, check_fingerprint=False)
+
+
+def _replace(src: str, dst: str) -> None:
+    """Moves `src` onto `dst`; a folder replaces the old folder as a whole."""
+    if os.path.isdir(src):
+        if os.path.isdir(dst):
+            trash = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(dst, trash)
+            os.replace(src, dst)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            if os.path.exists(dst):
+                os.remove(dst)
+            os.replace(src, dst)
+    else:
+        if os.path.isdir(dst):
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+
+
+AutoModel.register(RagConfig, RagForGeneration, exist_ok=True)

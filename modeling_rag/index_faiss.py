@@ -713,13 +713,14 @@ class PassageIndex:
     def read_config(folder: str | os.PathLike) -> dict[str, Any]:
         """Reads and validates ``index_config.json`` of an index folder (no other file is read)."""
         folder = Path(folder)
+        if not folder.is_dir() and folder.parent.is_dir():
+            # a save killed between its two renames leaves the previous index as a hidden backup
+            backups = sorted(folder.parent.glob(f".{folder.name}.old-*"))
+            if len(backups) == 1 and (backups[0] / INDEX_CONFIG_NAME).is_file():
+                logger.warning("Restoring the index at %s from %s (a save was interrupted).", folder, backups[0])
+                os.rename(backups[0], folder)
         if not folder.is_dir():
-            hint = ""
-            if folder.parent.is_dir():
-                backups = sorted(folder.parent.glob(f".{folder.name}.old-*"))
-                if backups:
-                    hint = f" A previous copy was found at {backups[-1]} (a save was interrupted); rename it to {folder.name}."
-            raise IndexIntegrityError(f"No index folder at {folder}.{hint}")
+            raise IndexIntegrityError(f"No index folder at {folder}.")
         path = folder / INDEX_CONFIG_NAME
         if not path.is_file():
             raise IndexIntegrityError(

@@ -315,9 +315,15 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                 "with its index, or pass passages= yourself."
             )
         n_docs = self._check_n_docs(n_docs)
+        return self._retrieve(questions, n_docs)
+
+    @torch.no_grad()
+    def _retrieve(self, questions: list[str], n_docs: int, enc: dict | None = None):
+        """`retrieve` for checked questions; `enc` (their question-encoder inputs) is reused when given."""
         embeddings = None
         if self.config.retrieval != "bm25" or self.config.generation_mode != "concat":
-            enc = self.tokenize_questions(questions)
+            if enc is None:
+                enc = self.tokenize_questions(questions)
             embeddings = self.encode_questions(**enc).float().cpu().numpy()
             if not np.isfinite(embeddings).all():
                 raise RagInputError("The question encoder produced NaN or infinite vectors; check its weights.")
@@ -369,7 +375,12 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         enc = self.tokenize_questions(questions)
         batch.update(enc)
         if passages is None:
-            retrieved = self.retrieve(questions, n_docs)
+            if self.retriever is None:
+                raise RagInputError(
+                    "This model has no index attached: build one with model.build_index(corpus), load a model "
+                    "saved with its index, or pass passages= yourself."
+                )
+            retrieved = self._retrieve(questions, self._check_n_docs(n_docs), enc)
             passage_lists = retrieved.passages
             scores = torch.as_tensor(np.asarray(retrieved.doc_scores, dtype=np.float32))
             ids = torch.as_tensor(np.asarray(retrieved.row_ids, dtype=np.int64))
@@ -1182,6 +1193,11 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         tokenizers and index. `load_index=False` skips the index; `mmap_index=True` memory-maps it."""
         from .hub_utils import resolve_model_folder
 
+        if kwargs.pop("trust_remote_code", False):
+            raise RagConfigError(
+                "RagForGeneration never runs code from a model repo, so trust_remote_code is refused. "
+                "Everything a RAG model needs loads from config, safetensors and data files."
+            )
         folder = resolve_model_folder(
             os.fspath(pretrained_model_name_or_path),
             revision=revision,

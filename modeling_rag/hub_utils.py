@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -416,23 +417,65 @@ def push_model_to_hub(
     Returns:
         The commit URL, as [`push_folder_to_hub`].
     """
-    from .model_card import card_data_from_model_folder, write_model_card
-
     with tempfile.TemporaryDirectory(prefix="modeling_rag_push_") as tmp:
         folder = os.path.join(tmp, "model")
         os.makedirs(folder)
         model.save_pretrained(folder)
-        if not os.path.exists(os.path.join(folder, MODEL_CARD_NAME)):
-            if card_data is not None:
-                data = card_data
-            else:
-                data = card_data_from_model_folder(
-                    folder, eval_results, model_name=repo_id.split("/")[-1], repo_id=repo_id
-                )
-            if getattr(data, "repo_id", None) is None:
-                data.repo_id = repo_id
-            if eval_results is not None and card_data is not None:
-                data.eval_results = list(eval_results)
+        return _card_and_push(folder, repo_id, tmp, card_data=card_data, eval_results=eval_results, **kwargs)
+
+
+def push_saved_model_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    card_data: Any = None,
+    eval_results: list[dict] | None = None,
+    **kwargs: Any,
+) -> str:
+    """Publish a folder written by ``RagForGeneration.save_pretrained`` in one commit, with a model card.
+
+    The folder is checked first (config, safetensors weights, no interrupted save) and copied, so the
+    card is written into the copy and your folder is left as it is. Arguments as [`push_model_to_hub`].
+    """
+    from .atomic import JOURNAL_NAME
+    from .constants import CONFIG_NAME, SAFE_WEIGHTS_NAME
+
+    src = Path(folder)
+    if not src.is_dir():
+        raise HubError(f"{src} is not a folder; give the folder that save_pretrained wrote.")
+    missing = [name for name in (CONFIG_NAME, SAFE_WEIGHTS_NAME) if not (src / name).is_file()]
+    if missing:
+        raise HubError(f"{src} is not a saved RAG model: {', '.join(missing)} missing. Save it with save_pretrained.")
+    if (src / JOURNAL_NAME).exists():
+        raise HubError(
+            f"{src} holds an interrupted save; load it once with RagForGeneration.from_pretrained (which restores "
+            "the previous files) or save it again, then push."
+        )
+    with tempfile.TemporaryDirectory(prefix="modeling_rag_push_") as tmp:
+        staged = os.path.join(tmp, "model")
+        shutil.copytree(src, staged, ignore=shutil.ignore_patterns(".staging-*", ".backup-*", ".*.tmp-*"))
+        return _card_and_push(staged, repo_id, tmp, card_data=card_data, eval_results=eval_results, **kwargs)
+
+
+def _card_and_push(folder: str, repo_id: str, tmp: str, *, card_data: Any, eval_results: Any, **kwargs: Any) -> str:
+    """Adds (or refreshes) the model card of a staged folder, then pushes it as one commit."""
+    from .model_card import card_data_from_model_folder, write_model_card
+
+    if not os.path.exists(os.path.join(folder, MODEL_CARD_NAME)) or eval_results is not None or card_data is not None:
+        if card_data is not None:
+            data = card_data
+        else:
+            data = card_data_from_model_folder(folder, eval_results, model_name=repo_id.split("/")[-1], repo_id=repo_id)
+        if getattr(data, "repo_id", None) is None:
+            data.repo_id = repo_id
+        if eval_results is not None and card_data is not None:
+            data.eval_results = list(eval_results)
+        existing = None
+        local_card = os.path.join(folder, MODEL_CARD_NAME)
+        if os.path.exists(local_card):
+            with open(local_card, encoding="utf-8") as f:
+                existing = f.read()
+        else:
             existing = _existing_card_text(
                 repo_id,
                 token=kwargs.get("token"),
@@ -440,13 +483,14 @@ def push_model_to_hub(
                 repo_type=kwargs.get("repo_type", "model"),
                 cache_dir=os.path.join(tmp, "cache"),
             )
-            write_model_card(folder, data, existing_card_text=existing)
-        return push_folder_to_hub(folder, repo_id, **kwargs)
+        write_model_card(folder, data, existing_card_text=existing)
+    return push_folder_to_hub(folder, repo_id, **kwargs)
 
 
 __all__ = [
     "push_folder_to_hub",
     "push_model_to_hub",
+    "push_saved_model_to_hub",
     "resolve_model_folder",
     "verify_index_checksums",
 ]

@@ -39,7 +39,13 @@ def test_push_then_load_in_a_fresh_cache_answers_the_same(indexed_model, hub_tok
         repo,
         token=hub_token,
         eval_results=[
-            {"task_type": "question-answering", "dataset_name": "tiny", "dataset_type": "tiny", "metric_type": "f1", "metric_value": 12.5}
+            {
+                "task_type": "question-answering",
+                "dataset_name": "tiny",
+                "dataset_type": "tiny",
+                "metric_type": "f1",
+                "metric_value": 12.5,
+            }
         ],
     )
     assert repo in str(url)
@@ -110,3 +116,42 @@ def test_corrupted_index_download_is_refused(indexed_model, hub_token, hub_serve
     hub_server.corrupt_file(repo, "index/passages.jsonl")
     with pytest.raises(IndexIntegrityError, match="passages.jsonl"):
         RagForGeneration.from_pretrained(repo, cache_dir=fresh_hf_cache)
+
+
+def test_push_script_publishes_a_saved_folder(indexed_model, hub_token, tmp_path, fresh_hf_cache, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("push", Path(__file__).parents[1] / "scripts" / "push_to_hub.py")
+    push = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(push)
+    indexed_model.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "README.md").write_text("# My model\n\nNotes I wrote myself.\n")
+    results = tmp_path / "results.json"
+    results.write_text(
+        json.dumps(
+            [
+                {
+                    "task_type": "question-answering",
+                    "dataset_name": "tiny",
+                    "dataset_type": "tiny",
+                    "metric_type": "exact_match",
+                    "metric_value": 50.0,
+                }
+            ]
+        )
+    )
+    repo = _repo("rag-script")
+    assert push.main([str(tmp_path / "saved"), repo, "--token", hub_token, "--eval-results", str(results)]) == 0
+    assert repo in capsys.readouterr().out
+    # the local folder is untouched; the pushed card keeps the user's text and has the results
+    assert (tmp_path / "saved" / "README.md").read_text() == "# My model\n\nNotes I wrote myself.\n"
+    loaded = RagForGeneration.from_pretrained(repo, cache_dir=fresh_hf_cache)
+    assert _answers(loaded) == _answers(indexed_model)
+    card_text = next(Path(fresh_hf_cache).rglob("README.md")).read_text()
+    assert "Notes I wrote myself." in card_text
+    card = ModelCard(card_text)
+    metrics = [m for r in card.data.to_dict()["model-index"][0]["results"] for m in r["metrics"]]
+    assert any(m["type"] == "exact_match" and m["value"] == 50.0 for m in metrics)
+    assert push.main([str(tmp_path / "nope"), repo, "--token", hub_token]) == 1
+    assert "not a folder" in capsys.readouterr().err

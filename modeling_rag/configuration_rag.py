@@ -109,7 +109,10 @@ class RagConfig(PretrainedConfig):
         similarity (`str`, defaults to `"ip"`):
             `"ip"` (inner product) or `"l2"` (negative squared Euclidean distance); must match the index metric.
         question_max_length (`int`, defaults to 128):
-            Question tokens kept by the question encoder; longer questions are truncated there with a warning.
+            Question tokens the question encoder reads (capped by its window).
+        question_overflow (`str`, defaults to `"truncate"`):
+            A question longer than that: `"truncate"` (its end is not used for retrieval; a warning says so) or
+            `"error"` (refused with `RagInputError`). The generator always receives the whole question.
         retrieval (`str`, defaults to `"dense"`):
             `"dense"` (FAISS), `"bm25"` (sparse) or `"hybrid"` (both rankings fused).
         fusion (`str`, defaults to `"rrf"`):
@@ -170,6 +173,7 @@ class RagConfig(PretrainedConfig):
     normalize_embeddings: bool = True
     similarity: str = "ip"
     question_max_length: int = 128
+    question_overflow: str = "truncate"
     retrieval: str = "dense"
     fusion: str = "rrf"
     rrf_k: int = 60
@@ -225,6 +229,7 @@ class RagConfig(PretrainedConfig):
         choice("generation_mode", GENERATION_MODES)
         choice("sequence_decoding", SEQUENCE_DECODING)
         choice("loss_reduction", ("mean", "sum"))
+        choice("question_overflow", ("truncate", "error"))
         positive_int("n_docs")
         positive_int("question_max_length")
         positive_int("rrf_k")

@@ -279,6 +279,11 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         out = []
         for q, row in zip(questions, ids):
             if len(row) > limit:
+                if self.config.question_overflow == "error":
+                    raise RagInputError(
+                        f"A question has {len(row)} tokens, more than the question encoder reads ({limit}): "
+                        f"{q[:60]!r}... Shorten it, or set config.question_overflow='truncate'."
+                    )
                 logger.warning(
                     "A question has %d tokens, more than the question encoder keeps (%d); its end is not used "
                     "for retrieval: %.60s...",

@@ -324,3 +324,120 @@ def test_sigkill_at_every_rename_of_an_index_save(tmp_path):
         loaded = RagRetriever.load(folder)
         assert loaded.index.count == before
     assert killed >= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Random corruptions of every index file: a clear error (or an intact load), never a crash
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_index(tmp_path_factory):
+    import json
+
+    root = tmp_path_factory.mktemp("corrupt")
+    corpus = root / "p.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in TINY_PASSAGES))
+    model = make_tiny_rag("gpt2", n_docs=2)
+    retriever = model.build_index(str(corpus), show_progress=False)
+    retriever.save(root / "index")
+    files = sorted(p.relative_to(root / "index").as_posix() for p in (root / "index").rglob("*") if p.is_file())
+    return root / "index", files
+
+
+CORRUPTION_OUTCOMES: dict[str, int] = {}
+
+
+@pytest.mark.timeout(300)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_corruption_of_each_index_file(saved_index, tmp_path_factory, data):
+    import shutil
+
+    import numpy as np
+
+    from modeling_rag.retrieval_rag import RagRetriever
+
+    source, files = saved_index
+    name = data.draw(st.sampled_from(files), label="file")
+    kind = data.draw(st.sampled_from(["flip", "truncate", "delete", "append", "empty"]), label="kind")
+    folder = tmp_path_factory.mktemp("c") / "index"
+    shutil.copytree(source, folder)
+    path = folder / name
+    raw = bytearray(path.read_bytes())
+    if kind == "flip" and raw:
+        i = data.draw(st.integers(0, len(raw) - 1), label="offset")
+        raw[i] ^= data.draw(st.integers(1, 255), label="mask")
+        path.write_bytes(bytes(raw))
+    elif kind == "truncate":
+        path.write_bytes(bytes(raw[: data.draw(st.integers(0, max(len(raw) - 1, 0)), label="length")]))
+    elif kind == "delete":
+        path.unlink()
+    elif kind == "append":
+        path.write_bytes(bytes(raw) + data.draw(st.binary(min_size=1, max_size=64), label="tail"))
+    else:
+        path.write_bytes(b"")
+    start = time.perf_counter()
+    try:
+        retriever = RagRetriever.load(folder)
+    except RagError as err:
+        assert str(err)  # a message that says what is wrong
+        outcome = "refused"
+    else:
+        # the corruption left the meaning intact (e.g. JSON whitespace): it must still search correctly
+        q = retriever.index.get_embeddings(np.array([[0]]))[0]
+        scores, ids = retriever.index.search(q, 1)
+        assert ids[0, 0] == retriever.index.row_ids[0]
+        outcome = "loaded intact"
+    assert time.perf_counter() - start < 30
+    key = f"{name}:{kind}:{outcome}"
+    CORRUPTION_OUTCOMES[key] = CORRUPTION_OUTCOMES.get(key, 0) + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks at the public entry points
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def indexed_tiny(tmp_path):
+    import json
+
+    corpus = tmp_path / "p.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in TINY_PASSAGES))
+    model = make_tiny_rag("gpt2", n_docs=2, question_max_length=16)
+    model.build_index(str(corpus), show_progress=False)
+    return model
+
+
+def test_long_question_truncated_with_a_warning_or_refused(indexed_tiny, caplog):
+    long_q = "Who was the Norse leader of the Normans in France and Italy? " * 3
+    with caplog.at_level("WARNING"):
+        answer = indexed_tiny.answer(long_q, max_new_tokens=2)[0]
+    assert "not used for retrieval" in caplog.text
+    assert answer.question == long_q.strip()
+    indexed_tiny.config.question_overflow = "error"
+    with pytest.raises(RagError, match="question_overflow"):
+        indexed_tiny.answer(long_q, max_new_tokens=2)
+
+
+def test_n_docs_larger_than_the_corpus_returns_what_exists(indexed_tiny):
+    out = indexed_tiny.retrieve(["Who?"], n_docs=50)
+    assert out.row_ids.shape == (1, len(TINY_PASSAGES))
+    assert (out.row_ids >= 0).all()
+    assert len(indexed_tiny.answer("Who?", n_docs=50, max_new_tokens=2)[0].sources) == len(TINY_PASSAGES)
+
+
+@pytest.mark.parametrize("n_docs", [0, -1, 2.5, True])
+def test_bad_n_docs(indexed_tiny, n_docs):
+    with pytest.raises(RagError, match="n_docs"):
+        indexed_tiny.retrieve(["Who?"], n_docs=n_docs)
+
+
+def test_nan_question_vectors_are_refused(indexed_tiny):
+    with torch.no_grad():
+        indexed_tiny.question_encoder.embeddings.word_embeddings.weight.fill_(float("nan"))
+    with pytest.raises(RagError, match="NaN"):
+        indexed_tiny.retrieve(["Who?"])
+
+
+@pytest.mark.parametrize("bad", [None, 3, ["ok", None], [""], "   ", [b"bytes"]])
+def test_non_string_and_empty_questions(indexed_tiny, bad):
+    with pytest.raises(RagError):
+        indexed_tiny.answer(bad)

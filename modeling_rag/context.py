@@ -153,6 +153,27 @@ class ContextPacker:
             cache.move_to_end(key)
         return ids
 
+    def prefetch(self, texts: Sequence[str]) -> None:
+        """Tokenises, in one batched tokenizer call, the passage texts that are not cached yet.
+
+        Packing then finds every passage in the cache; the token ids are the same as one call per text.
+        """
+        missing: dict[str, str] = {}
+        for text in texts:
+            if not text:
+                continue
+            key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+            if key in self._text_cache or key in missing:
+                continue
+            missing[key] = text
+        if not missing:
+            return
+        encoded = self.tokenizer(list(missing.values()), add_special_tokens=False)["input_ids"]
+        for key, ids in zip(missing, encoded):
+            self._text_cache[key] = list(ids)
+            if len(self._text_cache) > self.cache_size:
+                self._text_cache.popitem(last=False)
+
     def passage_text_ids(self, text: str) -> list[int]:
         """Token ids of a passage's text, tokenised once and cached."""
         key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()

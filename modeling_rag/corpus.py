@@ -2,8 +2,8 @@
 
 Sources `read_corpus` understands:
 
-* a folder of ``.txt`` / ``.md`` files (recursive, sorted; id and source = path relative to the
-  folder, title = first markdown heading or the file stem),
+* a folder of ``.txt`` / ``.md`` files (recursive, sorted; id = path relative to the folder without
+  its extension, source = that path with it, title = first markdown heading or the file stem),
 * a ``.jsonl`` file or a ``.csv`` file with the columns ``id``, ``text`` and optionally ``title``
   and ``source``,
 * a `datasets.Dataset` with the same columns,
@@ -88,7 +88,8 @@ def _read_folder(folder: Path) -> list[Document]:
         rel = path.relative_to(folder).as_posix()
         text = _read_text_file(path)
         title = _title_from_markdown(text) if path.suffix.lower() != ".txt" else None
-        docs.append(Document(id=rel, title=title or path.stem, text=text.strip(), source=rel))
+        doc_id = path.relative_to(folder).with_suffix("").as_posix()  # "policies/travel", source keeps the name
+        docs.append(Document(id=doc_id, title=title or path.stem, text=text.strip(), source=rel))
     return docs
 
 
@@ -177,7 +178,7 @@ def read_corpus(source: Any) -> list[Document]:
             elif suffix in TEXT_SUFFIXES:
                 text = _read_text_file(path)
                 title = _title_from_markdown(text) if suffix != ".txt" else None
-                docs = [Document(id=path.name, title=title or path.stem, text=text.strip(), source=path.name)]
+                docs = [Document(id=path.stem, title=title or path.stem, text=text.strip(), source=path.name)]
             else:
                 raise CorpusError(
                     f"Unsupported corpus file {path}: use a folder of .txt/.md files, a .jsonl or a .csv file."

@@ -18,7 +18,7 @@ def test_read_folder(tmp_path):
     (tmp_path / ".hidden").mkdir()
     (tmp_path / ".hidden" / "x.md").write_text("hidden")
     docs = read_corpus(tmp_path)
-    assert [d.id for d in docs] == ["a.txt", "b/policy.md", "c.md"]
+    assert [d.id for d in docs] == ["a", "b/policy", "c"]
     assert [d.title for d in docs] == ["a", "Remote work", "c"]
     assert docs[1].source == "b/policy.md"
     assert docs[1].text.startswith("Intro line")

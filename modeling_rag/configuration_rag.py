@@ -17,11 +17,12 @@ RETRIEVAL_METHODS = ("dense", "bm25", "hybrid")
 FUSION_METHODS = ("rrf", "weighted")
 SEQUENCE_DECODING = ("fast", "thorough")
 
+# Measured on SmolLM2-135M-Instruct, 48 SQuAD dev questions, top-3 passages (README, "Prompt"):
+# passages first, the instruction in the system turn and a short cue before the question.
 DEFAULT_INSTRUCTION = (
-    "Answer the question using only the passages below. Give a short answer. "
-    "If the passages do not contain the answer, say that you don't know."
+    "Answer only from the passages the user gives you. If they do not contain the answer, say that you don't know."
 )
-DEFAULT_PROMPT_TEMPLATE = "{instruction}\n\n{context}\n\nQuestion: {question}\nAnswer:"
+DEFAULT_PROMPT_TEMPLATE = "{context}\n\nUsing the passages above, answer briefly: {question}"
 DEFAULT_PASSAGE_TEMPLATE = "[{rank}] {title}\n{text}"
 
 
@@ -138,8 +139,9 @@ class RagConfig(PretrainedConfig):
         min_passage_tokens (`int`, defaults to 16):
             A passage that would be cut to fewer tokens than this is dropped instead.
         prompt_template (`str`):
-            Generator input, with the placeholders `{context}` and `{question}` (and optional `{instruction}`).
-            Where `{context}` sits relative to `{question}` decides whether passages come first.
+            Generator input, with the placeholders `{context}` and `{question}` (and optional `{instruction}`;
+            without it, the instruction goes in the system turn, or before the prompt when the generator has no
+            chat template). Where `{context}` sits relative to `{question}` decides whether passages come first.
         passage_template (`str`):
             One passage, with `{title}`, `{text}` and optional `{rank}` (1-based).
         passage_separator (`str`, defaults to `"\n\n"`):

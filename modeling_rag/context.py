@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .errors import ContextOverflowError, RagInputError
@@ -128,6 +129,8 @@ class ContextPacker:
 
     def _render_prompt(self, template: str, instruction: str) -> str:
         if not self.uses_chat_template:
+            if instruction and "{instruction}" not in template:
+                template = "{instruction}\n\n" + template
             return template.format(instruction=instruction, context=_CTX, question=_QUESTION).lstrip("\n")
         user = template.format(instruction="", context=_CTX, question=_QUESTION).strip("\n ")
         messages = [{"role": "user", "content": user}]
@@ -258,16 +261,35 @@ def pad_batch(
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}.")
     length = max((len(s) for s in sequences), default=0)
-    ids = torch.full((len(sequences), length), pad_id, dtype=value_dtype)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    try:
+        np_dtype = torch.empty(0, dtype=value_dtype).numpy().dtype
+    except TypeError:  # a dtype numpy lacks (bfloat16): fill with torch
+        np_dtype = None
+    if np_dtype is None:
+        ids = torch.full((len(sequences), length), pad_id, dtype=value_dtype)
+        mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            if not seq:
+                continue
+            values = torch.as_tensor(list(seq), dtype=value_dtype)
+            if side == "right":
+                ids[row, : len(seq)] = values
+                mask[row, : len(seq)] = 1
+            else:
+                ids[row, length - len(seq) :] = values
+                mask[row, length - len(seq) :] = 1
+        return ids, mask
+    # numpy takes a Python list into a row ~20x faster than one torch.as_tensor per row
+    ids_np = np.full((len(sequences), length), pad_id, dtype=np_dtype)
+    mask_np = np.zeros((len(sequences), length), dtype=np.int64)
     for row, seq in enumerate(sequences):
-        if not seq:
+        n = len(seq)
+        if not n:
             continue
-        values = torch.as_tensor(list(seq), dtype=value_dtype)
         if side == "right":
-            ids[row, : len(seq)] = values
-            mask[row, : len(seq)] = 1
+            ids_np[row, :n] = seq
+            mask_np[row, :n] = 1
         else:
-            ids[row, length - len(seq) :] = values
-            mask[row, length - len(seq) :] = 1
-    return ids, mask
+            ids_np[row, length - n :] = seq
+            mask_np[row, length - n :] = 1
+    return torch.from_numpy(ids_np), torch.from_numpy(mask_np)

@@ -110,3 +110,9 @@ def test_pad_batch_pads_to_the_longest_row_only():
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, side="right")
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+
+
+def test_instruction_leads_the_prompt_without_a_chat_template(tok):
+    p = packer(tok, template="{context}\nQuestion: {question}", instruction="Be brief.")
+    text = tok.decode(p.pack("Who?", [{"title": "t", "text": "Rollo"}]).input_ids)
+    assert text.startswith("Be brief.\n\n[1] t\nRollo")

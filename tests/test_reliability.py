@@ -292,6 +292,7 @@ def test_sigkill_at_every_rename_of_save_pretrained(tmp_path):
         state = loaded.state_dict()
         assert all(torch.equal(state[k], old[k]) for k in old), f"kill point {n}: not the previous model"
         assert loaded.answer("Who was the Norse leader?", max_new_tokens=3)[0].answer == expected
+    print("save_pretrained kill points", killed)
     assert killed >= 8  # journal write, backups and installs of every entry
 
 
@@ -323,6 +324,7 @@ def test_sigkill_at_every_rename_of_an_index_save(tmp_path):
         killed += 1
         loaded = RagRetriever.load(folder)
         assert loaded.index.count == before
+    print("index save kill points", killed)
     assert killed >= 1
 
 

@@ -292,8 +292,14 @@ def test_never_pickles(saved):
         json.loads(line)
 
 
-def test_interrupted_swap_is_reported(saved):
+def test_interrupted_swap_restores_the_previous_index(saved, caplog):
+    before = PassageIndex.load(saved)
     backup = saved.parent / f".{saved.name}.old-1234"
-    shutil.move(saved, backup)
-    with pytest.raises(IndexIntegrityError, match="interrupted"):
+    shutil.move(saved, backup)  # killed between "target -> backup" and "new -> target"
+    with caplog.at_level("WARNING"):
+        restored = PassageIndex.load(saved)
+    assert "interrupted" in caplog.text
+    assert restored.count == before.count and not backup.exists()
+    shutil.move(saved, saved.parent / "elsewhere")
+    with pytest.raises(IndexIntegrityError, match="No index folder"):
         PassageIndex.load(saved)

@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 ENCODER_CHUNK_TOKENS = 4096
 # Teacher-forced rescoring (RAG-Sequence, posteriors) runs in chunks of at most this many logits.
 RESCORE_CHUNK_LOGITS = 1 << 25
+# RAG-Token decoding with an encoder-decoder generator splits the (question, beam, document) rows into
+# up to this many groups of similar context length (each at least DECODE_GROUP_MIN_ROWS rows), so the
+# cross-attention of each group covers only its own longest context, not the batch's.
+DECODE_GROUPS = 4
+DECODE_GROUP_MIN_ROWS = 32
 
 
 class RagPreTrainedModel(PreTrainedModel):
@@ -74,6 +79,8 @@ class _RagTokenState:
         self.prev_ids = None
         self.expand = None
         self.encoder_states = None  # encoder-decoder generators: encoder outputs of the [B * n] contexts
+        self.groups = None  # encoder-decoder generators: per length group (row index, encoder outputs, mask, cache)
+        self.local_pos = None  # each row's position inside its group
 
 
 class RagForGeneration(RagPreTrainedModel, GenerationMixin):
@@ -928,14 +935,29 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                 ctx_index = torch.arange(answer_ids.shape[0], device=answer_ids.device)
             vocab = self.generator.get_output_embeddings().weight.shape[0]
             step = max(1, RESCORE_CHUNK_LOGITS // max(1, labels.shape[1] * vocab))
-            sums = []
+            # answers sorted by the length of their context, so that each chunk's cross-attention covers
+            # only its own longest (right-padded) context
+            mask_long = ctx_mask.long()
+            ctx_lengths = mask_long.sum(-1)
+            right_padded = torch.equal(mask_long.cumprod(-1).sum(-1), ctx_lengths)
+            order = torch.argsort(ctx_lengths[ctx_index], stable=True) if right_padded else None
+            sums = torch.zeros(labels.shape[0], dtype=torch.float, device=labels.device)
             for start in range(0, labels.shape[0], step):
-                rows = ctx_index[start : start + step]
-                lab = labels[start : start + step]
-                out = self._seq2seq_forward(ctx_ids[rows], ctx_mask[rows], lab, encoder_states=encoder_states[rows])
+                if order is not None:
+                    answer_rows = order[start : start + step]
+                    rows = ctx_index[answer_rows]
+                    width = max(int(ctx_lengths[rows].max()), 1)
+                else:
+                    answer_rows = torch.arange(start, min(start + step, labels.shape[0]), device=labels.device)
+                    rows = ctx_index[answer_rows]
+                    width = ctx_mask.shape[1]
+                lab = labels[answer_rows]
+                out = self._seq2seq_forward(
+                    ctx_ids[rows, :width], ctx_mask[rows, :width], lab, encoder_states=encoder_states[rows, :width]
+                )
                 lp = torch.log_softmax(out.logits.float(), -1).gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                sums.append((lp * ans_mask[start : start + step]).sum(-1))
-            return torch.cat(sums) if sums else answer_ids.new_zeros(0, dtype=torch.float)
+                sums[answer_rows] = (lp * ans_mask[answer_rows]).sum(-1)
+            return sums
         if ctx_index is not None:
             ctx_ids, ctx_mask = ctx_ids[ctx_index], ctx_mask[ctx_index]
         # decoder-only: left-padded context followed by the answer
@@ -988,41 +1010,119 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             raise RagInputError("RagForGeneration.generate drives generation; call it rather than GenerationMixin.")
         return {"input_ids": input_ids, "rag_state": rag_state}
 
+    @staticmethod
+    def _length_groups(mask, n_docs: int, expand: int) -> list[tuple[torch.Tensor, int]]:
+        """Groups the decoding rows by the length of their context: `[(row indices, group width)]`.
+
+        `mask` `[B * n, L]` holds the right-padded contexts; decoding row `(q * expand + e) * n + j`
+        (question q, beam e, document j) reads context `q * n + j`. The contexts are split by length,
+        so all beams of one context, which may trade places, stay in one group.
+        """
+        contexts, width = mask.shape
+        device = mask.device
+        every = [(torch.arange(contexts * expand, device=device), width)]
+        n_groups = min(DECODE_GROUPS, contexts * expand // DECODE_GROUP_MIN_ROWS, contexts)
+        if n_groups < 2:
+            return every
+        mask_long = mask.long()
+        lengths = mask_long.sum(-1)
+        if not torch.equal(mask_long.cumprod(-1).sum(-1), lengths):
+            return every
+        order = torch.argsort(lengths, stable=True)
+        beams = torch.arange(expand, device=device)
+        groups = []
+        for part in torch.tensor_split(order, n_groups):
+            q, j = torch.div(part, n_docs, rounding_mode="floor"), part % n_docs
+            idx = ((q.unsqueeze(1) * expand + beams) * n_docs + j.unsqueeze(1)).reshape(-1).sort().values
+            groups.append((idx, max(int(lengths[part].max()), 1)))
+        return groups
+
+    def _rag_token_step_seq2seq(self, input_ids, state: _RagTokenState):
+        """The generator's next-token logits `[rows * n, V]` for an encoder-decoder generator.
+
+        The `[B * n]` contexts are encoded once (beams share their question's states); the rows are
+        decoded in groups of similar context length, each with its own cache.
+        """
+        rows = input_ids.shape[0]
+        n = state.n_docs
+        device = input_ids.device
+        if state.groups is None:
+            expand = rows // state.doc_logprobs.shape[0]
+            state.expand = expand
+            state.doc_logprobs = state.doc_logprobs.repeat_interleave(expand, dim=0)
+            ctx_mask = state.context_mask.repeat_interleave(expand, dim=0).reshape(rows * n, -1)
+            base = state.encoder_states
+            if base is None:
+                flat_ids = state.context_ids.reshape(-1, state.context_ids.shape[-1])
+                flat_mask = state.context_mask.reshape(-1, state.context_mask.shape[-1])
+                base = self._encode_context(flat_ids, flat_mask).last_hidden_state
+                state.encoder_states = base
+            if expand > 1:
+                base = base.view(-1, n, *base.shape[1:]).repeat_interleave(expand, dim=0)
+                base = base.reshape(rows * n, *base.shape[2:])
+            state.groups = []
+            state.local_pos = torch.empty(rows * n, dtype=torch.long, device=device)
+            flat_mask = state.context_mask.reshape(-1, state.context_mask.shape[-1])
+            for idx, width in self._length_groups(flat_mask, n, expand):
+                state.local_pos[idx] = torch.arange(len(idx), device=device)
+                if len(idx) == rows * n and width == ctx_mask.shape[1]:
+                    states, mask = base, ctx_mask
+                else:
+                    states, mask = base[idx, :width], ctx_mask[idx, :width]
+                state.groups.append([idx, BaseModelOutput(last_hidden_state=states), mask, None])
+            token = torch.full((rows * n, 1), state.start_id, dtype=torch.long, device=device)
+        else:
+            # beams may have been reordered: find each row's previous row by its token prefix
+            prefix = input_ids[:, :-1]
+            if not torch.equal(prefix, state.prev_ids):
+                group = torch.arange(rows, device=device) // state.expand
+                same_group = group.unsqueeze(1) == group.unsqueeze(0)
+                matches = (prefix.unsqueeze(1) == state.prev_ids.unsqueeze(0)).all(-1) & same_group
+                source = matches.float().argmax(dim=1)
+                row_idx = (source.unsqueeze(1) * n + torch.arange(n, device=device)).reshape(-1)
+                # a row's source holds the same document of the same question, so it is in the same group
+                for g in state.groups:
+                    g[3].reorder_cache(state.local_pos[row_idx[g[0]]])
+            token = input_ids[:, -1:].repeat_interleave(n, dim=0)
+        logits = None
+        for g in state.groups:
+            idx, encoder_outputs, mask, cache = g
+            out = self.generator(
+                encoder_outputs=encoder_outputs,
+                attention_mask=mask,
+                decoder_input_ids=token if len(state.groups) == 1 else token[idx],
+                cache=cache,
+                use_cache=True,
+            )
+            g[3] = out.cache if hasattr(out, "cache") else out.past_key_values
+            if len(state.groups) == 1:
+                logits = out.logits[:, -1]
+            else:
+                if logits is None:
+                    logits = out.logits.new_empty(rows * n, out.logits.shape[-1])
+                logits[idx] = out.logits[:, -1]
+        return logits
+
     def _rag_token_step(self, input_ids, state: _RagTokenState) -> RagOutput:
         """One RAG-Token decoding step: log p(y_t | x, y_<t) = logsumexp_d log p(d|x) + log p(y_t | x, d, y_<t)."""
         rows = input_ids.shape[0]
         n = state.n_docs
+        if state.is_encoder_decoder:
+            logits = self._rag_token_step_seq2seq(input_ids, state)
+            state.prev_ids = input_ids
+            logprobs = torch.log_softmax(logits.float(), dim=-1).view(rows, n, -1)
+            marginal = torch.logsumexp(logprobs + state.doc_logprobs.unsqueeze(-1), dim=1)
+            return RagOutput(logits=marginal.unsqueeze(1))
         if state.cache is None:
             expand = rows // state.doc_logprobs.shape[0]
             state.expand = expand
             ctx = state.context_ids.repeat_interleave(expand, dim=0).reshape(rows * n, -1)
             ctx_mask = state.context_mask.repeat_interleave(expand, dim=0).reshape(rows * n, -1)
             state.doc_logprobs = state.doc_logprobs.repeat_interleave(expand, dim=0)
-            if state.is_encoder_decoder:
-                # the [B * n] contexts are encoded once; beams share their question's states
-                base = state.encoder_states
-                if base is None:
-                    flat_ids = state.context_ids.reshape(-1, state.context_ids.shape[-1])
-                    flat_mask = state.context_mask.reshape(-1, state.context_mask.shape[-1])
-                    base = self._encode_context(flat_ids, flat_mask).last_hidden_state
-                    state.encoder_states = base
-                if expand > 1:
-                    base = base.view(-1, n, *base.shape[1:]).repeat_interleave(expand, dim=0)
-                    base = base.reshape(rows * n, *base.shape[2:])
-                state.encoder_outputs = BaseModelOutput(last_hidden_state=base)
-                state.mask = ctx_mask
-                dec = torch.full((rows * n, 1), state.start_id, dtype=torch.long, device=ctx.device)
-                out = self.generator(
-                    encoder_outputs=state.encoder_outputs,
-                    attention_mask=ctx_mask,
-                    decoder_input_ids=dec,
-                    use_cache=True,
-                )
-            else:
-                positions = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
-                out = self.generator(input_ids=ctx, attention_mask=ctx_mask, position_ids=positions, use_cache=True)
-                state.mask = ctx_mask
-                state.positions = positions[:, -1:]
+            positions = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.generator(input_ids=ctx, attention_mask=ctx_mask, position_ids=positions, use_cache=True)
+            state.mask = ctx_mask
+            state.positions = positions[:, -1:]
             state.cache = out.cache if hasattr(out, "cache") else out.past_key_values
         else:
             # beams may have been reordered: find each row's previous row by its token prefix
@@ -1038,24 +1138,15 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                 if state.positions is not None:
                     state.positions = state.positions.index_select(0, row_idx)
             token = input_ids[:, -1:].repeat_interleave(n, dim=0)
-            if state.is_encoder_decoder:
-                out = self.generator(
-                    encoder_outputs=state.encoder_outputs,
-                    attention_mask=state.mask,
-                    decoder_input_ids=token,
-                    cache=state.cache,
-                    use_cache=True,
-                )
-            else:
-                state.mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], 1)], dim=1)
-                state.positions = state.positions + 1
-                out = self.generator(
-                    input_ids=token,
-                    attention_mask=state.mask,
-                    position_ids=state.positions,
-                    cache=state.cache,
-                    use_cache=True,
-                )
+            state.mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], 1)], dim=1)
+            state.positions = state.positions + 1
+            out = self.generator(
+                input_ids=token,
+                attention_mask=state.mask,
+                position_ids=state.positions,
+                cache=state.cache,
+                use_cache=True,
+            )
             state.cache = out.cache if hasattr(out, "cache") else out.past_key_values
         state.prev_ids = input_ids
         logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(rows, n, -1)

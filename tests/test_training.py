@@ -1,0 +1,345 @@
+"""The training scripts on tiny models: recipes, loss, checkpoint + exact resume, 2 processes, bad data."""
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY_PASSAGES, make_tiny_rag
+from safetensors.torch import load_file
+
+from modeling_rag.errors import DataFormatError, RagConfigError
+from modeling_rag.training import build_parser, load_training_examples, parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "train", "*.yaml")))
+ACCELERATE_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "accelerate", "*.yaml")))
+SCRIPTS = {
+    "retriever": "train_retriever.py",
+    "generator": "train_generator.py",
+    "rag": "train_rag.py",
+}
+
+QUESTIONS = [
+    ("Who was the Norse leader?", "Rollo", "normans"),
+    ("What is the capital of France?", "Paris", "france"),
+    ("What is the capital of Italy?", "Rome", "italy"),
+    ("How many days may employees work remotely?", "three days", "remote"),
+    ("Who gets company phones?", "staff who are on call", "phones"),
+    ("When must expenses be submitted?", "within thirty days", "expenses"),
+    ("Which region did Rollo give his name to?", "Normandy", "normans"),
+    ("Which city is the capital of France?", "Paris", "france"),
+]
+
+
+def _script(name):
+    path = os.path.join(ROOT, "scripts", SCRIPTS[name])
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator: reset accelerate's singletons around it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny RAG model (dropout off, so runs are exactly comparable) with an index, plus data files."""
+    root = tmp_path_factory.mktemp("tiny_training")
+    model = make_tiny_rag("gpt2")
+    qc = model.config.question_encoder
+    qc.hidden_dropout_prob = qc.attention_probs_dropout_prob = 0.0
+    for m in model.question_encoder.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    corpus = _write_jsonl(root / "passages.jsonl", TINY_PASSAGES)
+    model.build_index(corpus, show_progress=False)
+    model.save_pretrained(root / "model")
+    rows = [{"question": q, "answers": [a], "positive_passage_ids": [p]} for q, a, p in QUESTIONS]
+    return {
+        "root": root,
+        "model": str(root / "model"),
+        "corpus": corpus,
+        "train": _write_jsonl(root / "train.jsonl", rows),
+        "dev": _write_jsonl(root / "dev.jsonl", rows[:4]),
+    }
+
+
+def _losses(output_dir):
+    with open(os.path.join(output_dir, "train_log.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+def _question_encoder_weights(folder):
+    return {k: v for k, v in load_file(os.path.join(folder, "model.safetensors")).items() if "question_encoder" in k}
+
+
+# --- recipes -------------------------------------------------------------------------------------
+def test_every_train_recipe_exists():
+    assert {os.path.basename(p) for p in TRAIN_CONFIGS} >= {"retriever.yaml", "generator.yaml", "rag.yaml"}
+
+
+@pytest.mark.parametrize("config", TRAIN_CONFIGS, ids=os.path.basename)
+def test_recipe_drives_its_script(config, tiny, tmp_path):
+    """Each YAML recipe parses with its script and trains a few steps on the tiny model."""
+    name = os.path.splitext(os.path.basename(config))[0]
+    script = _script(name)
+    args = parse_args(script.get_parser(), ["--config", config])
+    assert args.train_file and args.output_dir  # the recipe names real data
+    out = tmp_path / "out"
+    argv = [
+        "--config",
+        config,
+        "--model",
+        tiny["model"],
+        "--corpus",
+        tiny["corpus"],
+        "--train-file",
+        tiny["train"],
+        "--dev-file",
+        tiny["dev"],
+        "--output-dir",
+        str(out),
+        "--cpu",
+        "--batch-size",
+        "2",
+        "--gradient-accumulation-steps",
+        "1",
+        "--max-train-steps",
+        "2",
+        "--checkpointing-steps",
+        "2",
+        "--eval-steps",
+        "2",
+        "--logging-steps",
+        "1",
+    ]
+    if name == "generator":
+        argv += ["--retrieval-cache", str(tmp_path / "retrieval.json"), "--eval-max-new-tokens", "3"]
+    if name == "rag":
+        argv += ["--eval-max-new-tokens", "3", "--max-dev-examples", "2"]
+    result = script.main(argv)
+    assert [s for s, _ in _losses(out)] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in _losses(out))
+    assert any(k.startswith("eval_") for h in result["history"] for k in h)
+    assert os.path.isdir(out / "checkpoints" / "step_2")
+    assert not glob.glob(str(out / "checkpoints" / ".tmp-*"))
+    from modeling_rag import RagForGeneration
+
+    saved = RagForGeneration.from_pretrained(out / "final")  # index included and verified
+    assert saved.retriever is not None
+    if name == "generator":
+        assert saved.config.n_docs == 3 and os.path.isfile(tmp_path / "retrieval.json")
+    if name == "rag":
+        assert saved.config.generation_mode == "rag_sequence"
+
+
+def test_precedence_defaults_yaml_cli(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning-rate: 0.5\nbatch_size: 3\ncheckpointing_steps: 7\ncpu: true\n")
+    parser = build_parser("t")
+    args = parse_args(parser, ["--config", str(recipe), "--batch-size", "5"])
+    assert args.learning_rate == 0.5  # YAML beats the default
+    assert args.batch_size == 5  # the command line beats YAML
+    assert args.checkpointing_steps == "7" and args.cpu is True
+    assert parse_args(build_parser("t"), []).learning_rate == 2e-5  # the default
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("learning_rat: 0.1\n", "did you mean 'learning_rate'"),
+        ("batch_size: many\n", "must be int"),
+        ("cpu: 1\n", "true or false"),
+        ("lr_scheduler: sideways\n", "must be one of"),
+        ("- a list\n", "mapping"),
+    ],
+)
+def test_bad_recipes(tmp_path, text, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    with pytest.raises(RagConfigError, match=message):
+        parse_args(build_parser("t"), ["--config", str(recipe)])
+
+
+def test_every_accelerate_config_parses():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    names = {os.path.basename(p) for p in ACCELERATE_CONFIGS}
+    assert names >= {"single_cpu.yaml", "two_cpu_processes.yaml", "multi_gpu.yaml", "fsdp.yaml"}
+    for path in ACCELERATE_CONFIGS:
+        cfg = load_config_from_file(path)
+        assert cfg.num_processes >= 1
+        if os.path.basename(path) == "two_cpu_processes.yaml":
+            assert cfg.num_processes == 2 and cfg.use_cpu
+
+
+# --- training behaviour ----------------------------------------------------------------------------
+def _retriever_argv(tiny, out, *extra):
+    return [
+        "--model",
+        tiny["model"],
+        "--train-file",
+        tiny["train"],
+        "--output-dir",
+        str(out),
+        "--cpu",
+        "--batch-size",
+        "2",
+        "--num-epochs",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--mined-hard-negatives",
+        "1",
+        "--checkpointing-steps",
+        "3",
+        "--save-dtype",
+        "float32",
+        *extra,
+    ]
+
+
+def test_loss_falls_and_resume_is_exact(tiny, tmp_path):
+    """A run stopped after 5 steps and resumed gives the losses and weights of an uninterrupted run."""
+    script = _script("retriever")
+    full = tmp_path / "full"
+    script.main(_retriever_argv(tiny, full))
+    losses = [loss for _, loss in _losses(full)]
+    assert len(losses) == 8
+    assert sum(losses[-2:]) < sum(losses[:2])  # the loss falls
+
+    part = tmp_path / "part"
+    first = script.main(_retriever_argv(tiny, part, "--stop-after-steps", "5"))
+    assert first["stopped_early"]
+    assert sorted(os.listdir(part / "checkpoints")) == ["step_3", "step_5"]
+    assert not os.path.exists(part / "final")
+    script.main(_retriever_argv(tiny, part, "--resume-from-checkpoint", "latest"))
+    resumed = _losses(part)
+    assert [s for s, _ in resumed] == list(range(1, 9))
+    assert torch.allclose(torch.tensor([x for _, x in resumed]), torch.tensor(losses), atol=1e-5)
+    a, b = _question_encoder_weights(full / "final"), _question_encoder_weights(part / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_question_side_only_keeps_the_index(tiny, tmp_path):
+    from modeling_rag import RagForGeneration
+
+    out = tmp_path / "qso"
+    _script("retriever").main(
+        _retriever_argv(tiny, out, "--question-side-only", "--gradient-cache-chunk-size", "1", "--max-train-steps", "2")
+        + ["--with-tracking", "--report-to", "jsonl"]
+    )
+    base = RagForGeneration.from_pretrained(tiny["model"])
+    saved = RagForGeneration.from_pretrained(out / "final")  # verifies the index fingerprint
+    assert saved.config.context_encoder is not None and saved.context_encoder is not None
+    base_q = base.question_encoder.state_dict()
+    for k, v in saved.context_encoder.state_dict().items():
+        assert torch.equal(v, base_q[k]), k  # passages: the original encoder
+    assert any(not torch.equal(v, base_q[k]) for k, v in saved.question_encoder.state_dict().items())
+    with (
+        open(os.path.join(tiny["model"], "index", "embeddings.npy"), "rb") as f1,
+        open(out / "final" / "index" / "embeddings.npy", "rb") as f2,
+    ):
+        assert f1.read() == f2.read()  # the same index vectors
+    tracked = glob.glob(str(out / "tracking" / "*.jsonl"))
+    assert tracked and "loss" in open(tracked[0]).read()
+
+
+@pytest.mark.multiprocess
+def test_two_processes_match_one(tiny, tmp_path):
+    """2 gloo processes with per-process batch 2 = 1 process with batch 4: same losses and weights."""
+    script = _script("retriever")
+    common = ["--num-epochs", "2", "--checkpointing-steps", "100"]
+    one = tmp_path / "one"
+    script.main(_retriever_argv(tiny, one, "--batch-size", "4", *common))
+    two = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "tests"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(ROOT, "configs", "accelerate", "two_cpu_processes.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+        os.path.join(ROOT, "scripts", "train_retriever.py"),
+        *_retriever_argv(tiny, two, "--batch-size", "2", *common),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    l1, l2 = _losses(one), _losses(two)
+    # 4 steps of 2 x 2 questions: two processes really ran (one would have taken 8 steps of 2)
+    assert [s for s, _ in l1] == [s for s, _ in l2] == [1, 2, 3, 4]
+    assert torch.allclose(torch.tensor([x for _, x in l1]), torch.tensor([x for _, x in l2]), atol=1e-4)
+    a, b = _question_encoder_weights(one / "final"), _question_encoder_weights(two / "final")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- bad data ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"answers": ["x"]}], "has no question"),
+        ([{"question": "q?"}], "has no answers"),
+        ([{"question": "q?", "answers": ["x"], "positive_passage_ids": ["nowhere"]}], "not in the corpus"),
+        ([{"question": "q?", "answers": ["x"], "hard_negative_passage_ids": ["ghost"]}], "not in the corpus"),
+    ],
+)
+def test_bad_rows(tmp_path, rows, message):
+    path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataFormatError, match=message):
+        load_training_examples(path, known_passage_ids=[p["id"] for p in TINY_PASSAGES])
+
+
+def test_empty_file_and_dataset_sources(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataFormatError, match="empty"):
+        load_training_examples(str(empty))
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"question": "q?", "answers": ["a"], "positive_passage_ids": ["france"]}])
+    assert load_training_examples(ds)[0].positive_passage_ids == ["france"]
+    ds.save_to_disk(str(tmp_path / "ds"))
+    assert load_training_examples(str(tmp_path / "ds"))[0].answers == ["a"]
+
+
+def test_scripts_report_bad_data(tiny, tmp_path):
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"question": "q?", "answers": ["a"], "positive_passage_ids": ["zz"]}])
+    with pytest.raises(DataFormatError, match="not in the corpus"):
+        _script("retriever").main(_retriever_argv(tiny, tmp_path / "o", "--train-file", bad))
+    with pytest.raises(RagConfigError, match="--train-file"):
+        _script("generator").main(["--model", tiny["model"], "--cpu", "--output-dir", str(tmp_path / "g")])

@@ -37,17 +37,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("questions", nargs="*", help="Questions to answer (default: a few sample questions).")
     parser.add_argument("--interactive", "-i", action="store_true", help="Ask questions at a prompt until EOF.")
-    parser.add_argument("--corpus", default=str(bundled), help="Documents to answer from: a folder of .md/.txt files, a .jsonl or a .csv (default: the bundled handbook).")
-    parser.add_argument("--model-dir", default=None, help="Where the built model is saved and loaded from (default: $MODELING_RAG_HOME/demo-model).")
-    parser.add_argument("--question-encoder", default="default", help="Question/passage encoder: 'default' (all-MiniLM-L6-v2), a local folder or a Hub id.")
-    parser.add_argument("--generator", default="default", help="Generator: 'default' (SmolLM2-135M-Instruct), a local folder or a Hub id.")
-    parser.add_argument("--rebuild", action="store_true", help="Rebuild the model and index even if a saved one exists.")
+    parser.add_argument(
+        "--corpus",
+        default=str(bundled),
+        help="Documents to answer from: a folder of .md/.txt files, a .jsonl or a .csv (default: the bundled handbook).",
+    )
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help="Where the built model is saved and loaded from (default: $MODELING_RAG_HOME/demo-model).",
+    )
+    parser.add_argument(
+        "--question-encoder",
+        default="default",
+        help="Question/passage encoder: 'default' (all-MiniLM-L6-v2), a local folder or a Hub id.",
+    )
+    parser.add_argument(
+        "--generator",
+        default="default",
+        help="Generator: 'default' (SmolLM2-135M-Instruct), a local folder or a Hub id.",
+    )
+    parser.add_argument(
+        "--rebuild", action="store_true", help="Rebuild the model and index even if a saved one exists."
+    )
     parser.add_argument("--n-docs", type=int, default=3, help="Passages retrieved per question.")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="Longest answer, in generator tokens.")
-    parser.add_argument("--generation-mode", default="concat", choices=["concat", "rag_sequence", "rag_token"], help="How passages reach the generator.")
-    parser.add_argument("--retrieval", default="dense", choices=["dense", "bm25", "hybrid"], help="Retriever used when building the model.")
-    parser.add_argument("--max-tokens", type=int, default=None, help="Passage length when chunking documents, in encoder tokens.")
-    parser.add_argument("--show-passages", type=int, default=160, help="Characters of each source passage to print (0: none).")
+    parser.add_argument(
+        "--generation-mode",
+        default="concat",
+        choices=["concat", "rag_sequence", "rag_token"],
+        help="How passages reach the generator.",
+    )
+    parser.add_argument(
+        "--retrieval",
+        default="dense",
+        choices=["dense", "bm25", "hybrid"],
+        help="Retriever used when building the model.",
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="Passage length when chunking documents, in encoder tokens."
+    )
+    parser.add_argument(
+        "--show-passages", type=int, default=160, help="Characters of each source passage to print (0: none)."
+    )
     return parser.parse_args(argv)
 
 
@@ -81,14 +113,20 @@ def build_or_load(args):
     model_dir = Path(args.model_dir) if args.model_dir else home_dir() / "demo-model"
     manifest_path = model_dir / DEMO_MANIFEST
     if not Path(args.corpus).exists():
-        raise SystemExit(f"error: the corpus {args.corpus} does not exist; give a folder of .md/.txt files or a .jsonl/.csv file.")
+        raise SystemExit(
+            f"error: the corpus {args.corpus} does not exist; give a folder of .md/.txt files or a .jsonl/.csv file."
+        )
     wanted = None
     if not args.rebuild and manifest_path.is_file() and (model_dir / "config.json").is_file():
         saved = json.loads(manifest_path.read_text())
         if args.question_encoder == "default" and args.generator == "default":
             # cheap check first: do not convert the default generator just to compare paths
             same = saved.get("corpus") == os.path.abspath(args.corpus) and saved.get("retrieval") == args.retrieval
-            same = same and saved.get("corpus_mtime") == _corpus_mtime(args.corpus) and saved.get("max_tokens") == args.max_tokens
+            same = (
+                same
+                and saved.get("corpus_mtime") == _corpus_mtime(args.corpus)
+                and saved.get("max_tokens") == args.max_tokens
+            )
             same = same and saved.get("defaults", False)
         else:
             wanted = _manifest(args)
@@ -125,8 +163,7 @@ def build_or_load(args):
     tmp.write_text(json.dumps(wanted, indent=2))
     os.replace(tmp, manifest_path)
     print(
-        f"Built and saved to {model_dir} in {time.perf_counter() - t0:.1f} s "
-        f"({model.retriever.n_passages} passages).",
+        f"Built and saved to {model_dir} in {time.perf_counter() - t0:.1f} s ({model.retriever.n_passages} passages).",
         flush=True,
     )
     return model

@@ -26,7 +26,9 @@ def tiny_model_folders(tmp_path_factory):
     torch.manual_seed(0)
     BertModel(tiny_question_encoder_config(tok)).save_pretrained(root / "qe")
     tok.save_pretrained(root / "qe")
-    AutoModelForCausalLM.from_config(tiny_generator_config("llama", tok, max_positions=512)).save_pretrained(root / "gen")
+    AutoModelForCausalLM.from_config(tiny_generator_config("llama", tok, max_positions=512)).save_pretrained(
+        root / "gen"
+    )
     tok.save_pretrained(root / "gen")
     return root
 

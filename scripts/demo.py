@@ -78,6 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max-tokens", type=int, default=None, help="Passage length when chunking documents, in encoder tokens."
     )
     parser.add_argument(
+        "--num-threads",
+        default="auto",
+        help="torch CPU threads: a number, or 'auto' (the cores idle right now: on a busy machine, extra threads "
+        "that wait on each other make generation several times slower).",
+    )
+    parser.add_argument(
         "--show-passages", type=int, default=160, help="Characters of each source passage to print (0: none)."
     )
     return parser.parse_args(argv)
@@ -183,8 +189,23 @@ def print_answer(result, show_passages: int, seconds: float) -> None:
     sys.stdout.flush()
 
 
+def set_threads(value: str) -> int:
+    """Sets torch's CPU threads; 'auto' uses the cores that are idle now (at least one)."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    if value == "auto":
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = max(1, min(cores, round(cores - busy)))
+    else:
+        threads = int(value)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    set_threads(args.num_threads)
     model = build_or_load(args)
     overrides = {"n_docs": args.n_docs, "generation_mode": args.generation_mode, "max_new_tokens": args.max_new_tokens}
 

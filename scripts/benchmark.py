@@ -52,9 +52,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if __name__ == "__main__":  # only as a script: importing this module (tests) must not change the environment
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -486,6 +487,19 @@ class Bench:
         return self.raw_index.search(hidden.float().cpu().numpy(), self.s.n_docs)
 
     # -- generation
+    def count_distinct_hypotheses(self):
+        """Records, on our model, how many distinct hypotheses RAG-Sequence decoding rescored (for FLOPs)."""
+        model = self.ours
+        same_hypothesis = type(model)._same_hypothesis
+        self.distinct_hypotheses = []
+
+        def recording(cands):
+            same = same_hypothesis(cands)
+            self.distinct_hypotheses.append(int((~torch.tril(same, diagonal=-1).any(-1)).sum()))
+            return same
+
+        model._same_hypothesis = recording
+
     @torch.no_grad()
     def gen_ours(self, mode):
         self.clear_our_cache()
@@ -671,8 +685,12 @@ def decoder_flops(cross_lengths, steps, layers, d, f, vocab) -> float:
     return total
 
 
-def work_flops(phase: str, s: Settings, g, q_lengths, ctx_lengths, ans_lengths=None) -> float:
-    """Model FLOPs of the work of `phase` at real lengths (the same count for both sides)."""
+def work_flops(phase: str, s: Settings, g, q_lengths, ctx_lengths, ans_lengths=None, distinct=None) -> float:
+    """Model FLOPs of the work of `phase` at real lengths (the same count for both sides).
+
+    `distinct`: for RAG-Sequence, the number of distinct hypotheses that are rescored under every
+    document (both sides deduplicate; default: all `n_docs` per question, an upper bound).
+    """
     d, f, layers, vocab = g.d_model, g.encoder_ffn_dim, g.encoder_layers, g.vocab_size
     qenc = encoder_flops(q_lengths, s.q_layers, s.q_hidden, s.q_ffn)
     enc = encoder_flops(ctx_lengths, layers, d, f)
@@ -682,15 +700,16 @@ def work_flops(phase: str, s: Settings, g, q_lengths, ctx_lengths, ans_lengths=N
     if phase in ("rag_token", "concat"):
         return qenc + enc + dec
     if phase == "rag_sequence":
-        # greedy per document, then every hypothesis (n per question, before deduplication) is
-        # scored under every document: n * n teacher-forced rows of new_tokens tokens per question
+        # greedy per document, then every distinct hypothesis is scored under every document of its
+        # question: teacher-forced rows of new_tokens tokens
+        per_context = 1.0 if distinct is None else distinct / len(ctx_lengths)
         rescore_rows = [L for L in ctx_lengths for _ in range(s.n_docs)]
         rescore = 0.0
         for Lc in rescore_rows:
             T = s.new_tokens
             rescore += layers * (4 * d * d * Lc + T * (12 * d * d + 4 * d * f + 4 * Lc * d) + 2 * T * T * d)
             rescore += 2 * d * vocab * T
-        return qenc + enc + dec + rescore
+        return qenc + enc + dec + rescore * per_context
     if phase == "train":
         T = max(ans_lengths)
         fwd = enc
@@ -751,6 +770,10 @@ def run_dtype(a: Assets, args, dtype: torch.dtype, log) -> dict:
     gen_ctx = ours_rows[:n_gen]
     gen_q = q_lengths[: len(a.questions)]
     ans_lengths = [len(a.gtok(x)["input_ids"]) for x in a.train_answers]
+    concat_batch = bench.ours.prepare_inputs(a.questions, generation_mode="concat", for_generation=True)
+    concat_ctx = lengths_of(concat_batch["context_attention_mask"])
+    result["inputs"]["concat_generator_input_real_mean"] = round(statistics.mean(concat_ctx), 1)
+    bench.count_distinct_hypotheses()
     n_train = s.train_batch * s.n_docs
 
     phases = [p for p in PHASES if p in args.phases]
@@ -764,12 +787,20 @@ def run_dtype(a: Assets, args, dtype: torch.dtype, log) -> dict:
             flops = work_flops(phase, s, a.g_config, q_lengths, [])
         elif phase == "train":
             flops = work_flops(phase, s, a.g_config, q_lengths[: s.train_batch], ours_rows[:n_train], ans_lengths)
+        elif phase == "concat":
+            flops = work_flops(phase, s, a.g_config, gen_q, concat_ctx)
+        elif phase == "rag_sequence":
+            distinct = bench.distinct_hypotheses[-1] if bench.distinct_hypotheses else None
+            row_distinct = {"distinct_hypotheses_rescored": distinct, "hypotheses": len(gen_ctx)}
+            flops = work_flops(phase, s, a.g_config, gen_q, gen_ctx, distinct=distinct)
         else:
             flops = work_flops(phase, s, a.g_config, gen_q, gen_ctx)
         row["model_gflops"] = flops / 1e9
         for side, t in timed.items():
             row[side] = {k: v for k, v in t.items() if k != "output"}
             row[side]["fraction_of_peak"] = flops / t["median_s"] / peak
+        if phase == "rag_sequence":
+            row.update(row_distinct)
         if phase in ("rag_token", "rag_sequence"):
             o, th = timed["ours"]["output"], timed["theirs"]["output"]
             row["same_generated_length"] = tuple(o.shape) == tuple(th.shape)

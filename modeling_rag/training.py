@@ -1197,3 +1197,21 @@ def broadcast_from_main(accelerator, compute: Callable[[], Any]) -> Any:
     payload = [compute() if accelerator.is_main_process else None]
     broadcast_object_list(payload, from_process=0)
     return payload[0]
+
+
+def write_final_metrics(accelerator, trainer, output_dir: str, before: dict | None, t_start: float) -> dict | None:
+    """Writes ``final_metrics.json`` (dev metrics before and after, training time) atomically, on the
+    main process; returns what it wrote (``None`` on other processes)."""
+    import json
+    import time
+
+    from .atomic import atomic_write_text
+
+    if not accelerator.is_main_process:
+        return None
+    final = {"before": before, "train_seconds": round(time.time() - t_start, 1)}
+    evals = [h for h in trainer.history if "eval_f1" in h]
+    if evals:
+        final["after"] = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")}
+    atomic_write_text(os.path.join(output_dir, "final_metrics.json"), json.dumps(final, indent=2))
+    return final

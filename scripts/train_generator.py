@@ -47,6 +47,7 @@ from modeling_rag.training import (
     save_final_model,
     seed_everything,
     setup_logging,
+    write_final_metrics,
 )
 
 logger = logging.getLogger("train_generator")
@@ -211,13 +212,8 @@ def main(argv=None) -> dict:
     if args.lora:
         merge_lora(model)
     model.eval()
-    if accelerator.is_main_process:
-        final = {"before": before, "train_seconds": round(time.time() - t_start, 1)}
-        evals = [h for h in trainer.history if "eval_f1" in h]
-        if evals:
-            final["after"] = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")}
-        with open(os.path.join(args.output_dir, "final_metrics.json"), "w") as f:
-            json.dump(final, f, indent=2)
+    final = write_final_metrics(accelerator, trainer, args.output_dir, before, t_start)
+    if final is not None:
         result["final"] = final
     save_final_model(accelerator, model, args, original_dtype)
     trainer.end()

@@ -23,9 +23,7 @@ Examples::
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 import time
 
@@ -57,6 +55,7 @@ from modeling_rag.training import (
     save_final_model,
     seed_everything,
     setup_logging,
+    write_final_metrics,
 )
 
 logger = logging.getLogger("train_rag")
@@ -233,13 +232,8 @@ def main(argv=None) -> dict:
         model.set_retriever(reencode_retriever(model, accelerator=accelerator), check_fingerprint=False)
     else:
         model.set_retriever(model.retriever)  # the frozen passage encoder still matches the index
-    if accelerator.is_main_process:
-        final = {"before": before, "train_seconds": round(time.time() - t_start, 1)}
-        evals = [h for h in trainer.history if "eval_f1" in h]
-        if evals:
-            final["after"] = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")}
-        with open(os.path.join(args.output_dir, "final_metrics.json"), "w") as f:
-            json.dump(final, f, indent=2)
+    final = write_final_metrics(accelerator, trainer, args.output_dir, before, t_start)
+    if final is not None:
         result["final"] = final
     save_final_model(accelerator, model, args, original_dtype)
     trainer.end()

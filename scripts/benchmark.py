@@ -958,8 +958,9 @@ def run(args) -> dict:
     results["wall_s"] = time.perf_counter() - t0
     log("\n" + results["table"])
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2, default=str)
+        from modeling_rag.atomic import atomic_write_text
+
+        atomic_write_text(args.output, json.dumps(results, indent=2, default=str))
         log(f"\nwrote {args.output}")
     return results
 

@@ -24,6 +24,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from modeling_rag.atomic import atomic_write_text
 from modeling_rag.index_faiss import PassageIndex
 
 SWEEPS = {
@@ -167,10 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     for n in tqdm(args.sizes, desc="sizes", disable=True):
         rows.extend(bench_size(n, args))
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(
-                {"settings": vars(args), "faiss_threads": faiss.omp_get_max_threads(), "results": rows}, f, indent=2
-            )
+        atomic_write_text(
+            args.output,
+            json.dumps(
+                {"settings": vars(args), "faiss_threads": faiss.omp_get_max_threads(), "results": rows}, indent=2
+            ),
+        )
     print_table(rows)
     print(f"\nWrote {args.output}")
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modeling_rag.atomic import atomic_write_text
 from modeling_rag.encoders import encoder_forward
 from modeling_rag.errors import DataFormatError, RagConfigError
 from modeling_rag.losses import CachedContrastiveLoss, ContrastiveLoss
@@ -415,8 +416,7 @@ def main(argv=None) -> dict:
             final[f"index_top{k}"] = float(np.mean(hits)) if hits else 0.0
         final["before"] = before
         final["train_seconds"] = round(time.time() - t_start, 1)
-        with open(os.path.join(args.output_dir, "final_metrics.json"), "w") as f:
-            json.dump(final, f, indent=2)
+        atomic_write_text(os.path.join(args.output_dir, "final_metrics.json"), json.dumps(final, indent=2))
         accelerator.print(f"Final dev retrieval through the index: {final}")
     save_final_model(accelerator, model, args, original_dtype)
     trainer.end()

@@ -20,6 +20,9 @@ class RagOutput(ModelOutput):
             `concat`: the generator logits, shape `(batch_size, sequence_length, vocab_size)`.
             `rag_sequence` / `rag_token`: per-document generator logits, shape
             `(batch_size * n_docs, sequence_length, vocab_size)`.
+            In training mode with `labels`, a decoder-only generator returns logits only at the positions
+            that predict an answer token (the union over rows, in order): `sequence_length` is then that
+            count.
         doc_scores (`torch.FloatTensor` of shape `(batch_size, n_docs)`, *optional*):
             Retrieval scores of the documents (question vector · document vector, or negative squared
             distance); differentiable with respect to the question encoder when computed in the model.

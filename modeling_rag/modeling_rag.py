@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -598,6 +599,24 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             doc_posteriors=posteriors,
         )
 
+    def _answer_positions(self, labels) -> torch.Tensor | None:
+        """Positions whose logits the training loss needs (those predicting an answer token), or None.
+
+        In training, a decoder-only generator computes logits only there (`logits_to_keep`): the answer
+        is a few tokens after a context of hundreds, and the vocabulary projection and its float copy
+        over every position cost a fifth of the compute and most of the memory of a step. Outside
+        training, or for generators without `logits_to_keep`, logits cover every position.
+        """
+        if labels is None or not self.training or not self._generator_keeps_logits:
+            return None
+        return (labels[:, 1:] != -100).any(0).nonzero().squeeze(-1)
+
+    @property
+    def _generator_keeps_logits(self) -> bool:
+        generator = self.generator
+        base = generator.get_base_model() if hasattr(generator, "get_base_model") else generator  # peft
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+
     def _decoder_only_forward(self, ids, mask, **kwargs):
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return self.generator(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs)
@@ -667,12 +686,17 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                 label_smoothing=self.config.label_smoothing,
             )
             return logits, loss
-        out = self._decoder_only_forward(ids, mask, use_cache=False)
-        logits = out.logits
-        if labels is None:
-            return logits, None
-        shift_logits = logits[:, :-1].float()
-        shift_labels = labels[:, 1:]
+        keep = self._answer_positions(labels)
+        if keep is None:
+            out = self._decoder_only_forward(ids, mask, use_cache=False)
+            logits = out.logits
+            if labels is None:
+                return logits, None
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:]
+        else:
+            logits = self._decoder_only_forward(ids, mask, use_cache=False, logits_to_keep=keep).logits
+            shift_logits, shift_labels = logits.float(), labels[:, keep + 1]
         loss = nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.shape[-1]),
             shift_labels.reshape(-1),
@@ -693,14 +717,18 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             token_mask = labels != -100
             lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             return logits, lp * token_mask, token_mask.float()
-        out = self._decoder_only_forward(ids, mask, use_cache=False)
-        logits = out.logits
-        if labels is None:
-            return logits, None, None
+        keep = self._answer_positions(labels)
+        if keep is None:
+            logits = self._decoder_only_forward(ids, mask, use_cache=False).logits
+            if labels is None:
+                return logits, None, None
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        else:
+            logits = self._decoder_only_forward(ids, mask, use_cache=False, logits_to_keep=keep).logits
+            shift_logits, shift_labels = logits, labels[:, keep + 1]
         # answer tokens sit at different positions in each row: gather them into aligned columns
-        shift_labels = labels[:, 1:]
-        valid = shift_labels != -100  # [R, L-1]
-        lp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        valid = shift_labels != -100  # [R, L-1] (or [R, K] over the kept positions)
+        lp_all = torch.log_softmax(shift_logits.float(), dim=-1)
         lp = lp_all.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid  # [R, L-1]
         counts = valid.sum(-1)
         t_max = int(counts.max().item()) if counts.numel() else 0

@@ -74,6 +74,35 @@ def test_each_mode_trains(kind, mode):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("mode", MODES)
+def test_training_logits_only_at_answer_positions_give_the_same_loss_and_gradients(kind, mode, monkeypatch):
+    model = make_tiny_rag(kind, mode).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    batch = model.prepare_inputs(QUESTIONS, ANSWERS, passages=PASSAGES, doc_scores=SCORES)
+    batch.pop("passages")
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.generator.named_parameters() if p.grad is not None}
+        return out, grads
+
+    kept, kept_grads = loss_and_grads()
+    answer_tokens = int((batch["labels"][:, 1:] != -100).any(0).sum())
+    assert kept.logits.shape[1] == answer_tokens < batch["context_input_ids"].shape[1]
+    monkeypatch.setattr(RagForGeneration, "_answer_positions", lambda self, labels: None)
+    full, full_grads = loss_and_grads()
+    assert full.logits.shape[1] == batch["context_input_ids"].shape[1]
+    torch.testing.assert_close(kept.loss, full.loss, rtol=1e-5, atol=1e-6)
+    assert kept_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _reference_token_logprobs(model, question, passage, answer):
     """log p(answer token t | question, passage, answer<t), with nothing batched, padded or cached."""
     packed = model.packer().pack(question, [passage]).input_ids

@@ -23,6 +23,12 @@ RESULTS_NAME = "results.json"
 PREDICTIONS_NAME = "predictions.jsonl"
 RECALL_PLOT_NAME = "recall_at_k.png"
 
+# A training run's output folder (see training.py)
+CHECKPOINTS_DIR = "checkpoints"
+TRAIN_LOG_NAME = "train_log.jsonl"
+TRAINER_STATE_NAME = "trainer_state.json"  # step, epoch and position in it, as JSON (not accelerate's pickle)
+FINAL_MODEL_DIR = "final"
+
 # Model type registered with transformers' Auto classes (must differ from transformers' "rag")
 MODEL_TYPE = "modeling_rag"
 

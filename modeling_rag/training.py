@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from .atomic import atomic_write_text
+from .constants import CHECKPOINTS_DIR, FINAL_MODEL_DIR, TRAIN_LOG_NAME, TRAINER_STATE_NAME
 from .errors import DataFormatError, RagConfigError, RagInputError
 from .qa_data import QAExample, check_passage_ids, load_qa_examples
 
@@ -63,8 +65,7 @@ __all__ = [
     "seed_everything",
 ]
 
-CHECKPOINTS_DIR = "checkpoints"
-TRAIN_LOG = "train_log.jsonl"
+TRAIN_LOG = TRAIN_LOG_NAME
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -647,6 +648,35 @@ class TrainState:
         self.batches_in_epoch = int(state["batches_in_epoch"])
         self.extra = dict(state.get("extra") or {})
 
+    def save(self, folder: str) -> None:
+        """Writes the state as JSON into a checkpoint folder (atomically)."""
+        atomic_write_text(os.path.join(folder, TRAINER_STATE_NAME), json.dumps(_jsonable(self.state_dict())) + "\n")
+
+    def load(self, folder: str) -> None:
+        """Reads the state a checkpoint folder holds, checking every field (no pickle involved)."""
+        path = os.path.join(folder, TRAINER_STATE_NAME)
+        try:
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            raise RagConfigError(
+                f"{folder} has no {TRAINER_STATE_NAME}: it is not a complete checkpoint of these training scripts. "
+                "Resume from a checkpoints/step_N folder they wrote, or start afresh."
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RagConfigError(f"{path} is not valid JSON ({err}); the checkpoint is damaged.") from None
+        ok = isinstance(state, dict) and isinstance(state.get("extra", {}), dict)
+        ok = ok and all(
+            isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and state[k] >= 0
+            for k in ("global_step", "epoch", "batches_in_epoch")
+        )
+        if not ok:
+            raise RagConfigError(
+                f"{path} must hold non-negative integers global_step, epoch, batches_in_epoch and an object extra; "
+                "the checkpoint is damaged."
+            )
+        self.load_state_dict(state)
+
 
 try:  # accelerate's tracker base class, for a dependency-free JSON-lines tracker
     from accelerate.tracking import GeneralTracker, on_main_process
@@ -756,8 +786,10 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None = None) -> str:
-    """`save_state` into a temporary folder, then rename it to ``checkpoints/step_<step>``.
+def save_checkpoint(
+    accelerator, output_dir: str, step: int, total_limit: int | None = None, state: TrainState | None = None
+) -> str:
+    """`save_state` (plus `state` as JSON) into a temporary folder, then rename it to ``checkpoints/step_<step>``.
 
     A run killed while saving leaves only a ``.tmp-step_<step>`` folder, which resume ignores.
     Every process must call this (each saves its own random state).
@@ -772,6 +804,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     accelerator.save_state(tmp, safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if state is not None:
+            state.save(tmp)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -877,8 +911,9 @@ class Trainer:
             num_training_steps=self.max_steps,
         )
         self.scheduler = accelerator.prepare(scheduler)
+        # the step counters go into each checkpoint as JSON (TrainState.save), not through
+        # register_for_checkpointing, whose custom_checkpoint_*.pkl accelerate unpickles without restriction
         self.state = TrainState()
-        accelerator.register_for_checkpointing(self.state)
         self.log_path = os.path.join(args.output_dir, TRAIN_LOG)
         self.history: list[dict] = []
         self.checkpoint_every = None
@@ -909,7 +944,11 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         save_checkpoint(
-            self.accelerator, self.args.output_dir, self.state.global_step, self.args.checkpoints_total_limit
+            self.accelerator,
+            self.args.output_dir,
+            self.state.global_step,
+            self.args.checkpoints_total_limit,
+            state=self.state,
         )
 
     def _run_eval(self) -> None:
@@ -929,14 +968,20 @@ class Trainer:
         if path is None:
             return False
         self.accelerator.print(f"Resuming from {path}")
+        self.state.load(path)  # first: a folder that is not our checkpoint is refused before loading anything
         self.accelerator.load_state(path)
         if self.accelerator.is_main_process and os.path.exists(self.log_path):
-            # drop log lines written after the checkpoint by the interrupted run
-            with open(self.log_path, encoding="utf-8") as f:
-                lines = [json.loads(x) for x in f if x.strip()]
-            kept = [x for x in lines if x.get("step", 0) <= self.state.global_step]
-            with open(self.log_path, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(x) + "\n" for x in kept)
+            # drop log lines written after the checkpoint by the interrupted run (and a line cut by a kill)
+            kept = []
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(record, dict) and record.get("step", 0) <= self.state.global_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+            atomic_write_text(self.log_path, "".join(kept))
         return True
 
     def train(self) -> list[dict]:
@@ -1051,7 +1096,7 @@ def save_final_model(accelerator, model, args, original_dtype) -> str | None:
     """`save_pretrained` of the model (index included) into ``output-dir/final`` on the main process."""
     if args.no_save:
         return None
-    out = os.path.join(args.output_dir, "final")
+    out = os.path.join(args.output_dir, FINAL_MODEL_DIR)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         cast_for_saving(model, args.save_dtype, original_dtype)

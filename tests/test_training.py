@@ -4,8 +4,12 @@ import glob
 import importlib.util
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -343,3 +347,112 @@ def test_scripts_report_bad_data(tiny, tmp_path):
         _script("retriever").main(_retriever_argv(tiny, tmp_path / "o", "--train-file", bad))
     with pytest.raises(RagConfigError, match="--train-file"):
         _script("generator").main(["--model", tiny["model"], "--cpu", "--output-dir", str(tmp_path / "g")])
+
+
+# --- SIGKILL at any point, then resume ------------------------------------------------------------
+def _run_killed(work, kill) -> bool:
+    """Runs `work()` in a forked child after `kill()` armed its SIGKILL; returns whether it was killed."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            torch.set_num_threads(1)
+            kill()
+            work()
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            raise
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status)
+
+
+def _kill_at_call(owner, name: str, n: int):
+    """Arms a SIGKILL of this process at the n-th call of `owner.<name>`."""
+    real = getattr(owner, name)
+    count = [0]
+
+    def patched(*args, **kwargs):
+        count[0] += 1
+        if count[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    return lambda: setattr(owner, name, patched)
+
+
+def _kill_after(seconds: float):
+    return lambda: threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGKILL)).start()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_sigkill_anywhere_then_resume_ends_with_the_uninterrupted_weights(tiny, tmp_path):
+    """Kill points: mid-step, while accelerate writes a checkpoint (torch.save), at every kind of rename
+    (checkpoint commit, trainer state, the log rewrite, the final save_pretrained), and at random times.
+    Each time, `--resume-from-checkpoint latest` ends with the same losses and weights as a run never killed."""
+    script = _script("retriever")
+    extra = ("--checkpointing-steps", "2", "--checkpoints-total-limit", "2")
+    full = tmp_path / "full"
+    script.main(_retriever_argv(tiny, full, *extra))
+    t0 = time.time()  # how long a (warm) run takes in a child: the range of the random kill times
+    assert not _run_killed(lambda: script.main(_retriever_argv(tiny, tmp_path / "timed", *extra)), lambda: None)
+    duration = time.time() - t0
+    want_losses = torch.tensor([x for _, x in _losses(full)])
+    want = _question_encoder_weights(full / "final")
+
+    rng = random.Random(0)
+    kill_points = {
+        "optimizer step 3": _kill_at_call(torch.optim.AdamW, "step", 3),
+        "optimizer step 6": _kill_at_call(torch.optim.AdamW, "step", 6),
+        "torch.save 2 (checkpoint step_2)": _kill_at_call(torch, "save", 2),
+        "torch.save 7 (checkpoint step_4)": _kill_at_call(torch, "save", 7),
+        **{f"os.replace {n}": _kill_at_call(os, "replace", n) for n in (1, 2, 4, 7, 10)},
+        **{f"after {d:.2f}s": _kill_after(d) for d in (rng.uniform(0.02, 0.95 * duration) for _ in range(4))},
+    }
+    outcomes = {}
+    for i, (name, kill) in enumerate(kill_points.items()):
+        out = tmp_path / f"killed{i}"
+        killed = _run_killed(lambda out=out: script.main(_retriever_argv(tiny, out, *extra)), kill)
+        for ckpt in glob.glob(str(out / "checkpoints" / "step_*")):  # only complete checkpoints carry the name
+            assert os.path.isfile(os.path.join(ckpt, "trainer_state.json")), (name, ckpt)
+        script.main(_retriever_argv(tiny, out, *extra, "--resume-from-checkpoint", "latest"))
+        got = _losses(out)
+        assert [s for s, _ in got] == list(range(1, len(want_losses) + 1)), name
+        assert torch.allclose(torch.tensor([x for _, x in got]), want_losses, atol=1e-5), name
+        weights = _question_encoder_weights(out / "final")
+        assert weights.keys() == want.keys()
+        for k in want:
+            assert torch.allclose(weights[k], want[k], atol=1e-6), (name, k)
+        outcomes[name] = killed
+    print("training kill points (killed?)", outcomes)
+    assert sum(outcomes.values()) >= 10  # nearly every point really interrupted the run
+
+
+def test_resume_loads_only_weights_only_files_and_refuses_foreign_folders(tiny, tmp_path, monkeypatch):
+    script = _script("retriever")
+    out = tmp_path / "run"
+    script.main(_retriever_argv(tiny, out, "--stop-after-steps", "3"))
+    ckpt = out / "checkpoints" / "step_3"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 3
+    assert not glob.glob(str(ckpt / "custom_checkpoint_*"))  # no unrestricted pickle in our checkpoints
+    real_load, calls = torch.load, []
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    script.main(_retriever_argv(tiny, out, "--resume-from-checkpoint", str(ckpt)))
+    assert calls and all(w is True for w in calls), calls  # optimizer, scheduler, sampler, RNG states
+    monkeypatch.undo()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "random_states_0.pkl").write_bytes(b"\x80\x04not ours")
+    with pytest.raises(RagConfigError, match="not a complete checkpoint"):
+        script.main(_retriever_argv(tiny, tmp_path / "other", "--resume-from-checkpoint", str(foreign)))
+    (foreign / "trainer_state.json").write_text('{"global_step": -1, "epoch": 0, "batches_in_epoch": 0}')
+    with pytest.raises(RagConfigError, match="damaged"):
+        script.main(_retriever_argv(tiny, tmp_path / "other", "--resume-from-checkpoint", str(foreign)))

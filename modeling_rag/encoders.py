@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -123,3 +126,103 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         digest.update(str(t.dtype).encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+SHARD_STATE_NAME = "build_state.json"
+
+
+def encode_texts_resumable(
+    texts: Sequence[str],
+    encoder,
+    tokenizer,
+    work_dir: str,
+    *,
+    shard_size: int = 4096,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier=None,
+    **encode_kwargs,
+) -> np.ndarray:
+    """`encode_texts` in shards saved under `work_dir`, so a build that was killed resumes where it stopped.
+
+    The texts are cut into shards of `shard_size`; each finished shard is written atomically as
+    ``shard_<i>.npy`` (plain float32, loaded without pickle). ``build_state.json`` records a key over the
+    encoder's weights, the texts and the encoding settings: a later call with the same key reuses every
+    finished shard that checks out (shape, dtype, finite values) and encodes only the rest; a different key
+    starts over. With several processes (`rank` of `world_size`, sharing `work_dir`), shard i is encoded by
+    process i % world_size and `barrier()` is called before the shards are read back. Returns all vectors
+    `[len(texts), hidden]`, in order; the caller deletes `work_dir` once the index is saved.
+    """
+    from .atomic import atomic_write_bytes, atomic_write_text
+
+    if shard_size < 1:
+        raise RagConfigError(f"shard_size must be a positive integer, got {shard_size}.")
+    texts, encode_kwargs = list(texts), dict(encode_kwargs)
+    digest = hashlib.sha256()
+    digest.update(weights_fingerprint(encoder).encode())
+    digest.update(json.dumps({k: encode_kwargs.get(k) for k in ("pooling", "normalize", "max_length")}).encode())
+    digest.update(str(shard_size).encode())
+    for t in texts:
+        digest.update(hashlib.sha256(t.encode("utf-8")).digest())
+    key = digest.hexdigest()
+    n_shards = max(1, -(-len(texts) // shard_size))
+    state_path = os.path.join(work_dir, SHARD_STATE_NAME)
+
+    def shard_path(i: int) -> str:
+        return os.path.join(work_dir, f"shard_{i:05d}.npy")
+
+    def read_shard(i: int) -> np.ndarray | None:
+        expected = len(texts[i * shard_size : (i + 1) * shard_size])
+        try:
+            arr = np.load(shard_path(i), allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape[0] != expected or not np.isfinite(arr).all():
+            return None
+        return arr
+
+    if rank == 0:
+        os.makedirs(work_dir, exist_ok=True)
+        try:
+            with open(state_path, encoding="utf-8") as f:
+                same = json.load(f).get("key") == key
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same:  # another corpus, encoder or setting: its shards are of no use
+            for name in os.listdir(work_dir):
+                if name.startswith("shard_") and name.endswith(".npy"):
+                    os.remove(os.path.join(work_dir, name))
+            atomic_write_text(state_path, json.dumps({"key": key, "shards": n_shards, "texts": len(texts)}) + "\n")
+    if barrier is not None:
+        barrier()
+    mine = [i for i in range(n_shards) if i % world_size == rank]
+    todo = [i for i in mine if read_shard(i) is None]
+    show = encode_kwargs.pop("show_progress", False)
+    desc = encode_kwargs.pop("desc", "Encoding")
+    for i in tqdm(todo, desc=f"{desc} (shards)", disable=not show, unit="shard"):
+        vectors = encode_texts(texts[i * shard_size : (i + 1) * shard_size], encoder, tokenizer, **encode_kwargs)
+        buf = io.BytesIO()
+        np.save(buf, vectors, allow_pickle=False)
+        atomic_write_bytes(shard_path(i), buf.getvalue())
+    if barrier is not None:
+        barrier()
+    parts = []
+    for i in range(n_shards):
+        arr = read_shard(i)
+        if arr is None:
+            raise OSError(f"Shard {shard_path(i)} is missing or damaged after encoding; run the build again.")
+        parts.append(arr)
+    return np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.float32)
+
+
+def clear_shard_dir(work_dir: str) -> None:
+    """Removes the shards and state `encode_texts_resumable` wrote (and the folder, if nothing else is in it)."""
+    if not os.path.isdir(work_dir):
+        return
+    for name in os.listdir(work_dir):
+        if name == SHARD_STATE_NAME or (name.startswith("shard_") and name.endswith(".npy")):
+            os.remove(os.path.join(work_dir, name))
+    try:
+        os.rmdir(work_dir)
+    except OSError:
+        pass  # the folder holds files that are not ours: leave them

@@ -27,7 +27,7 @@ import torch
 
 from .constants import BM25_DIR
 from .corpus import chunk_documents, chunking_config, passage_text, read_corpus
-from .encoders import POOLING_METHODS, encode_texts, weights_fingerprint
+from .encoders import POOLING_METHODS, encode_texts, encode_texts_resumable, weights_fingerprint
 from .errors import IndexIntegrityError, IndexMismatchError, RagConfigError, RagInputError
 from .index_bm25 import BM25Index
 from .index_faiss import PassageIndex
@@ -303,6 +303,8 @@ class RagRetriever:
         show_progress: bool = True,
         encoder_name: str | None = None,
         accelerator: Any = None,
+        work_dir: str | None = None,
+        shard_size: int = 4096,
         **retriever_kwargs: Any,
     ) -> RagRetriever:
         """Reads, chunks and encodes a corpus, then builds the dense index (and BM25 when `bm25`).
@@ -310,8 +312,10 @@ class RagRetriever:
         `source` is anything `read_corpus` reads. Passages are encoded as title + text with
         `encode_texts` (`pooling`, `normalize`); the encoder's `weights_fingerprint` is recorded.
         With an `accelerate.Accelerator`, each process encodes a contiguous shard and the vectors
-        are gathered, so every process ends with the same index. `retriever_kwargs` go to
-        `RagRetriever` (fusion, rrf_k, hybrid_alpha).
+        are gathered, so every process ends with the same index. With `work_dir`, vectors are encoded
+        in shards of `shard_size` saved there (`encode_texts_resumable`): a build that was killed
+        resumes from its finished shards (the processes must share `work_dir`). `retriever_kwargs` go
+        to `RagRetriever` (fusion, rrf_k, hybrid_alpha).
         """
         if pooling not in POOLING_METHODS:
             raise RagConfigError(f"pooling must be one of {POOLING_METHODS}, got {pooling!r}.")
@@ -331,7 +335,21 @@ class RagRetriever:
             "show_progress": progress,
             "desc": "Encoding passages",
         }
-        if accelerator is not None and accelerator.num_processes > 1:
+        if work_dir is not None:
+            if accelerator is not None:
+                encoder = encoder.to(accelerator.device)
+            embeddings = encode_texts_resumable(
+                texts,
+                encoder,
+                tokenizer,
+                work_dir,
+                shard_size=shard_size,
+                rank=0 if accelerator is None else accelerator.process_index,
+                world_size=1 if accelerator is None else accelerator.num_processes,
+                barrier=None if accelerator is None else accelerator.wait_for_everyone,
+                **encode_kwargs,
+            )
+        elif accelerator is not None and accelerator.num_processes > 1:
             embeddings = _encode_sharded(texts, encoder, tokenizer, accelerator, encode_kwargs)
         else:
             if accelerator is not None:

@@ -7,16 +7,22 @@ Single process::
 Several processes (each encodes a shard; the main process saves)::
 
     accelerate launch --num_processes 2 scripts/build_index.py --corpus docs/ --encoder ... --output my-index --cpu
+
+Vectors are encoded in shards saved under ``--work-dir`` (default ``<output>.build``): if the build is
+killed, running the same command again encodes only the shards that were not finished. The work folder
+is removed once the index is saved.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from accelerate import Accelerator
 from transformers import AutoModel, AutoTokenizer
 
+from modeling_rag.encoders import clear_shard_dir
 from modeling_rag.errors import RagError
 from modeling_rag.retrieval_rag import RagRetriever
 
@@ -35,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-bm25", action="store_true", help="do not build the BM25 keyword index")
     parser.add_argument("--retrieval", default="dense", choices=["dense", "bm25", "hybrid"])
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="where finished shards of vectors are kept until the index is saved "
+        "(default: <output>.build); a rerun of a killed build resumes from them",
+    )
+    parser.add_argument("--shard-size", type=int, default=4096, help="passages per saved shard of vectors")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is available")
     return parser.parse_args(argv)
 
@@ -42,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=args.cpu)
+    work_dir = args.work_dir or os.path.normpath(args.output) + ".build"
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.encoder)
         encoder = AutoModel.from_pretrained(args.encoder).eval()
@@ -61,12 +75,15 @@ def main(argv: list[str] | None = None) -> int:
             show_progress=True,
             encoder_name=args.encoder,
             accelerator=accelerator,
+            work_dir=work_dir,
+            shard_size=args.shard_size,
         )
     except (RagError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if accelerator.is_main_process:
         retriever.save(args.output)
+        clear_shard_dir(work_dir)
         index = retriever.index
         print(
             f"Saved {index.count} passages ({index.kind}, {index.metric}, dim {index.dim}) "

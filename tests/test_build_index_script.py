@@ -92,3 +92,70 @@ def test_two_process_build_matches_one_process(tmp_path, corpus_file, encoder_di
     np.testing.assert_allclose(a.get_embeddings(a.row_ids), b.get_embeddings(b.row_ids), atol=1e-5)
     q = a.get_embeddings(a.row_ids[:4]) + 0.01
     np.testing.assert_array_equal(a.search(q, 3)[1], b.search(q, 3)[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_killed_build_resumes_from_its_finished_shards(tmp_path, corpus_file, encoder_dir, monkeypatch):
+    import signal
+
+    import modeling_rag.atomic as atomic
+    import modeling_rag.encoders as encoders
+
+    args = ["--shard-size", "3"]
+    clean = tmp_path / "clean"
+    assert _main()([*_args(corpus_file, encoder_dir, clean), *args]) == 0
+    assert not os.path.exists(f"{clean}.build")  # the work folder goes once the index is saved
+    n_shards = -(-PassageIndex.load(clean).count // 3)
+    assert n_shards >= 4
+
+    out = tmp_path / "index"
+    pid = os.fork()
+    if pid == 0:  # child: SIGKILL at the 4th atomic write (build state, then shards 0 and 1 are finished)
+        try:
+            real, count = atomic.atomic_write_bytes, [0]
+
+            def write(*a, **k):
+                count[0] += 1
+                if count[0] == 4:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real(*a, **k)
+
+            atomic.atomic_write_bytes = write
+            _main()([*_args(corpus_file, encoder_dir, out), *args])
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    work = f"{out}.build"
+    assert sorted(n for n in os.listdir(work) if n.endswith(".npy")) == ["shard_00000.npy", "shard_00001.npy"]
+    assert not out.exists()
+    with open(os.path.join(work, "shard_00001.npy"), "r+b") as f:  # damage a finished shard: it is redone
+        f.truncate(40)
+
+    real_encode, encoded = encoders.encode_texts, []
+    monkeypatch.setattr(
+        encoders, "encode_texts", lambda texts, *a, **k: encoded.append(len(texts)) or real_encode(texts, *a, **k)
+    )
+    assert _main()([*_args(corpus_file, encoder_dir, out), *args]) == 0
+    assert len(encoded) == n_shards - 1  # every shard but the intact one
+    assert not os.path.exists(work)
+    a, b = PassageIndex.load(clean), PassageIndex.load(out)
+    assert a.get_passages(a.row_ids) == b.get_passages(b.row_ids)
+    np.testing.assert_array_equal(a.get_embeddings(a.row_ids), b.get_embeddings(b.row_ids))
+
+
+def test_work_dir_of_another_corpus_is_not_reused(tmp_path, corpus_file, encoder_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    from modeling_rag.encoders import encode_texts_resumable
+
+    tok, enc = AutoTokenizer.from_pretrained(encoder_dir), AutoModel.from_pretrained(encoder_dir)
+    work = str(tmp_path / "work")
+    first = encode_texts_resumable(["alpha beta", "gamma"], enc, tok, work, shard_size=1)
+    (tmp_path / "work" / "mine.txt").write_text("user file")
+    second = encode_texts_resumable(["gamma", "alpha beta"], enc, tok, work, shard_size=1)  # other texts, same count
+    np.testing.assert_allclose(second, first[::-1], atol=1e-6)
+    from modeling_rag.encoders import clear_shard_dir
+
+    clear_shard_dir(work)
+    assert os.listdir(work) == ["mine.txt"]  # only our files are removed

@@ -621,6 +621,69 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return self.generator(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs)
 
+    @staticmethod
+    def _length_chunks(mask) -> list[tuple[torch.Tensor, int]] | None:
+        """Right-padded rows `[R, L]` sorted by length into chunks of about `ENCODER_CHUNK_TOKENS` tokens.
+
+        Returns `(row_indices, chunk_length)` pairs covering every row once, or None when one batch is as
+        good (few tokens, a single chunk, or rows that are not right-padded).
+        """
+        if mask is None:
+            return None
+        rows, width = mask.shape
+        if rows * width <= ENCODER_CHUNK_TOKENS:
+            return None
+        mask_long = mask.long()
+        lengths = mask_long.sum(-1)
+        if not torch.equal(mask_long.cumprod(-1).sum(-1), lengths):  # not right-padded
+            return None
+        order = torch.argsort(lengths, descending=True, stable=True)
+        sorted_lengths = lengths[order].tolist()
+        chunks, start = [], 0
+        while start < rows:
+            length = max(int(sorted_lengths[start]), 1)
+            end = min(rows, start + max(1, ENCODER_CHUNK_TOKENS // length))
+            chunks.append((order[start:end], length))
+            start = end
+        return chunks if len(chunks) > 1 else None
+
+    def _seq2seq_label_logprobs(self, ids, mask, labels):
+        """Teacher-forced encoder-decoder pass: logits `[R, T, V]` and log p(label) `[R, T]` (0 where -100).
+
+        Rows are run in length-sorted chunks (`_length_chunks`), each trimmed to its own longest context,
+        so neither the encoder nor the decoder's cross-attention spends compute (or activation memory, in
+        training) on padding; the results are put back in row order.
+        """
+        prepare = getattr(self.generator, "prepare_decoder_input_ids_from_labels", None)
+        chunks = self._length_chunks(mask) if prepare is not None else None
+        if chunks is None:
+            chunks = [(torch.arange(ids.shape[0], device=ids.device), ids.shape[1])]
+        decoder_input_ids = prepare(labels=labels) if prepare is not None else None
+        encoder = self.generator.get_encoder()
+        logits_parts, lp_parts, order = [], [], []
+        for idx, length in chunks:
+            if prepare is None:  # the generator builds its own decoder inputs (and loss) from labels
+                out = self.generator(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx], use_cache=False)
+            else:
+                chunk_mask = None if mask is None else mask[idx, :length]
+                states = encoder(input_ids=ids[idx, :length], attention_mask=chunk_mask, return_dict=True)
+                out = self.generator(
+                    encoder_outputs=states,
+                    attention_mask=chunk_mask,
+                    decoder_input_ids=decoder_input_ids[idx],
+                    use_cache=False,
+                )
+            chunk_labels = labels[idx]
+            lp = torch.log_softmax(out.logits.float(), dim=-1)
+            lp = lp.gather(-1, chunk_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (chunk_labels != -100)
+            logits_parts.append(out.logits)
+            lp_parts.append(lp)
+            order.append(idx)
+        if len(chunks) == 1:
+            return logits_parts[0], lp_parts[0]
+        inverse = torch.argsort(torch.cat(order))
+        return torch.cat(logits_parts)[inverse], torch.cat(lp_parts)[inverse]
+
     def _encode_context(self, ids, mask) -> BaseModelOutput:
         """The generator's encoder over context rows `[R, L]` (encoder-decoder generators).
 
@@ -631,25 +694,11 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         """
         encoder = self.generator.get_encoder()
         rows, width = ids.shape
-        if mask is None or rows * width <= ENCODER_CHUNK_TOKENS:
-            return encoder(input_ids=ids, attention_mask=mask, return_dict=True)
-        mask_long = mask.long()
-        lengths = mask_long.sum(-1)
-        if not torch.equal(mask_long.cumprod(-1).sum(-1), lengths):  # not right-padded: no chunking
-            return encoder(input_ids=ids, attention_mask=mask, return_dict=True)
-        order = torch.argsort(lengths, descending=True, stable=True)
-        sorted_lengths = lengths[order].tolist()
-        chunks, start = [], 0
-        while start < rows:
-            length = max(int(sorted_lengths[start]), 1)
-            end = min(rows, start + max(1, ENCODER_CHUNK_TOKENS // length))
-            chunks.append((start, end, length))
-            start = end
-        if len(chunks) == 1:
+        chunks = self._length_chunks(mask)
+        if chunks is None:
             return encoder(input_ids=ids, attention_mask=mask, return_dict=True)
         hidden = None
-        for start, end, length in chunks:
-            idx = order[start:end]
+        for idx, length in chunks:
             out = encoder(input_ids=ids[idx, :length], attention_mask=mask[idx, :length], return_dict=True)
             states = out.last_hidden_state
             if hidden is None:
@@ -708,15 +757,12 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
     def _per_doc_token_logprobs(self, ids, mask, labels, batch_size, n):
         """Log-probabilities of the answer tokens under each document: `[B * n, T]` plus the token mask."""
         if self.is_generator_encoder_decoder:
-            if labels is not None and labels.shape[0] == batch_size:
-                labels = labels.repeat_interleave(n, dim=0)
-            out = self._seq2seq_forward(ids, mask, labels)
-            logits = out.logits
             if labels is None:
-                return logits, None, None
-            token_mask = labels != -100
-            lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            return logits, lp * token_mask, token_mask.float()
+                return self._seq2seq_forward(ids, mask, None).logits, None, None
+            if labels.shape[0] == batch_size:
+                labels = labels.repeat_interleave(n, dim=0)
+            logits, lp = self._seq2seq_label_logprobs(ids, mask, labels)
+            return logits, lp, (labels != -100).float()
         keep = self._answer_positions(labels)
         if keep is None:
             logits = self._decoder_only_forward(ids, mask, use_cache=False).logits

@@ -103,6 +103,47 @@ def test_training_logits_only_at_answer_positions_give_the_same_loss_and_gradien
         torch.testing.assert_close(kept_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+@pytest.mark.parametrize("mode", MODES)
+def test_length_sorted_chunks_give_the_same_loss_gradients_and_generations(kind, mode, monkeypatch):
+    """Encoder-decoder contexts run in length-sorted chunks trimmed to their own length (training and
+    generation): the results equal one padded batch."""
+    import modeling_rag.modeling_rag as mr
+
+    model = make_tiny_rag(kind, mode).eval()  # no dropout (BART's is functional); gradients still flow
+    questions = QUESTIONS + ["Rome?", "Which leader gave his name to a region of France, and when?"]
+    answers = ANSWERS + ["Italy", "Rollo"]
+    passages = PASSAGES + [[TINY_PASSAGES[2], TINY_PASSAGES[0], TINY_PASSAGES[1]]] * 2
+    scores = SCORES + [[0.3, 0.2, 0.1], [1.0, 2.0, 3.0]]
+    batch = model.prepare_inputs(questions, answers, passages=passages, doc_scores=scores)
+    batch.pop("passages")
+    lengths = batch["context_attention_mask"].sum(-1)
+    assert lengths.min() < lengths.max()  # padding that chunking can skip
+
+    def run():
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.generator.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            gen = model.generate(
+                questions=questions, passages=passages, doc_scores=scores, max_new_tokens=4, num_beams=2
+            )
+        return out, grads, gen
+
+    monkeypatch.setattr(mr, "ENCODER_CHUNK_TOKENS", 10**9)
+    whole, whole_grads, whole_gen = run()
+    chunk_tokens = int(lengths.max()) * 2  # chunks of two rows
+    monkeypatch.setattr(mr, "ENCODER_CHUNK_TOKENS", chunk_tokens)
+    assert len(model._length_chunks(batch["context_attention_mask"])) > 1
+    chunked, chunked_grads, chunked_gen = run()
+    torch.testing.assert_close(chunked.loss, whole.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked.logits, whole.logits, rtol=1e-4, atol=1e-4)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(chunked_gen, whole_gen)
+
+
 def _reference_token_logprobs(model, question, passage, answer):
     """log p(answer token t | question, passage, answer<t), with nothing batched, padded or cached."""
     packed = model.packer().pack(question, [passage]).input_ids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -45,6 +46,9 @@ RESCORE_CHUNK_LOGITS = 1 << 25
 # cross-attention of each group covers only its own longest context, not the batch's.
 DECODE_GROUPS = 4
 DECODE_GROUP_MIN_ROWS = 32
+# RAG-Sequence greedy decoding keeps each step's logits to score the hypotheses under their own
+# documents; above this many logits per generate call it rescores instead
+OWN_SCORES_MAX_LOGITS = 2**27
 
 
 class RagPreTrainedModel(PreTrainedModel):
@@ -933,9 +937,9 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         num_beams = gen_kwargs.get("num_beams", 1) or 1
         per_doc = max(num_beams, 1) if not gen_kwargs.get("do_sample") else max(num_return, 1)
         gen_kwargs = self._generation_kwargs({**gen_kwargs, "num_return_sequences": per_doc})
-        if encoder_states is not None:
-            gen_kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_states)
-        out = self.generator.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+        cfg = gen_kwargs["generation_config"]
+        greedy = (cfg.num_beams or 1) == 1 and not cfg.do_sample and per_doc == 1
+        out, own_lp = self._generate_per_context(ids, mask, gen_kwargs, per_doc, encoder_states, own_scores=greedy)
         cands = self._strip_prompt(out, ids.shape[1])  # [B * n * per_doc, T]
         cands = self._trim_after_eos(cands)
         c = n * per_doc
@@ -950,7 +954,20 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             q_of = torch.div(unique, c, rounding_mode="floor")
             cand_rows = cands[unique].repeat_interleave(n, dim=0)  # [U * n, T]
             ctx_index = (q_of.unsqueeze(1) * n + torch.arange(n, device=ids.device)).reshape(-1)  # [U * n]
-            seq_lp_u = self._sequence_logprobs(ids, mask, cand_rows, encoder_states, ctx_index).view(-1, n)
+            if own_lp is None:
+                seq_lp_u = self._sequence_logprobs(ids, mask, cand_rows, encoder_states, ctx_index).view(-1, n)
+            else:
+                # greedy, one hypothesis per document (c == n): a hypothesis that document j produced itself
+                # already has its score under j from decoding; rescore only the other pairs
+                known = same.reshape(batch_size * c, c)[unique]  # [U, n]
+                seq_lp_u = torch.where(
+                    known, own_lp.view(batch_size, n)[q_of], torch.zeros_like(known, dtype=torch.float)
+                )
+                missing = (~known).reshape(-1).nonzero().squeeze(-1)
+                if missing.numel():
+                    seq_lp_u.view(-1)[missing] = self._sequence_logprobs(
+                        ids, mask, cand_rows[missing], encoder_states, ctx_index[missing]
+                    )
             position = (flat_first.long().cumsum(0) - 1).view(batch_size, c)  # row of each first occurrence
             first_of = same.long().argmax(-1)  # [B, c]: index of the first identical hypothesis
             seq_lp = seq_lp_u[position.gather(1, first_of)]  # [B, c, n]
@@ -958,7 +975,10 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         else:
             # each hypothesis under the document that produced it; identical hypotheses pool their mass
             ctx_index = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(per_doc)
-            seq_lp = self._sequence_logprobs(ids, mask, cands, encoder_states, ctx_index).view(batch_size, c)
+            if own_lp is not None:  # greedy: each hypothesis was scored under its document while decoding
+                seq_lp = own_lp.view(batch_size, c)
+            else:
+                seq_lp = self._sequence_logprobs(ids, mask, cands, encoder_states, ctx_index).view(batch_size, c)
             joint = doc_logprobs.repeat_interleave(per_doc, dim=1) + seq_lp  # [B, c]
             marginal = torch.logsumexp(joint.unsqueeze(1).masked_fill(~same, float("-inf")), dim=-1)
         cands = cands.view(batch_size, c, -1)
@@ -968,6 +988,66 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         top = ranked.topk(k, dim=-1)
         picked = cands.gather(1, top.indices.unsqueeze(-1).expand(-1, -1, cands.shape[-1]))
         return picked.reshape(batch_size * k, -1), top.values.reshape(-1)
+
+    def _generate_per_context(self, ids, mask, gen_kwargs, per_doc, encoder_states=None, own_scores=False):
+        """The generator's own `generate` on every context row, `per_doc` sequences each, in row order.
+
+        For an encoder-decoder generator decoding deterministically (greedy or beam), rows run in groups
+        of similar context length (`_length_groups`), each trimmed to its own longest context, so the
+        cross-attention of every step reads no padding; the sequences are padded back to one length.
+        With `own_scores` (greedy), also returns each sequence's log-likelihood under its own context, from
+        the raw logits of decoding (what `_sequence_logprobs` would recompute); otherwise None.
+        """
+        cfg = gen_kwargs["generation_config"]
+        groups = [(torch.arange(ids.shape[0], device=ids.device), ids.shape[1])]
+        if self.is_generator_encoder_decoder and not cfg.do_sample:
+            groups = self._length_groups(mask, n_docs=1, expand=1)
+        vocab = self.generator.get_output_embeddings().weight.shape[0]
+        largest = max(len(idx) for idx, _ in groups) * per_doc * (cfg.max_new_tokens or 1) * vocab
+        own_scores = own_scores and largest <= OWN_SCORES_MAX_LOGITS  # the step logits are held until the end
+        if own_scores:
+            own_cfg = copy.deepcopy(cfg)
+            own_cfg.output_logits = own_cfg.return_dict_in_generate = True
+        pieces, rows, scores = [], [], []
+        for idx, width in groups:
+            kwargs = dict(gen_kwargs)
+            if encoder_states is not None:
+                kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_states[idx, :width])
+            if own_scores:
+                kwargs["generation_config"] = own_cfg
+            if len(groups) == 1:
+                out = self.generator.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            else:
+                out = self.generator.generate(input_ids=ids[idx, :width], attention_mask=mask[idx, :width], **kwargs)
+            if own_scores:
+                steps = torch.stack(out.logits, dim=1)  # [rows, T, V], raw (before logits processors)
+                tokens = out.sequences[:, -steps.shape[1] :]
+                lp = torch.log_softmax(steps.float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+                scores.append((lp * self._answer_token_mask(tokens)).sum(-1))
+                out = out.sequences
+            pieces.append(out)
+            rows.append((idx.unsqueeze(1) * per_doc + torch.arange(per_doc, device=idx.device)).reshape(-1))
+        if len(groups) == 1:
+            return pieces[0], (scores[0] if own_scores else None)
+        length = max(p.shape[1] for p in pieces)
+        out = pieces[0].new_full((ids.shape[0] * per_doc, length), self._pad_id())
+        own = torch.zeros(ids.shape[0] * per_doc, device=ids.device) if own_scores else None
+        for i, (piece, r) in enumerate(zip(pieces, rows)):
+            out[r, : piece.shape[1]] = piece
+            if own_scores:
+                own[r] = scores[i]
+        return out, own
+
+    def _answer_token_mask(self, answer_ids):
+        """True for answer tokens up to and including the first eos (padding after it is ignored)."""
+        pad = self._pad_id()
+        eos = self.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        is_eos = torch.zeros_like(answer_ids, dtype=torch.bool)
+        for e in eos_ids:
+            is_eos |= answer_ids == e
+        before_eos = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+        return before_eos & ((answer_ids != pad) | is_eos)
 
     def _trim_after_eos(self, seqs):
         eos = self.generation_config.eos_token_id
@@ -992,15 +1072,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         encoder-decoder generator the encoder states of the contexts (`encoder_states`, computed here
         when not given) are reused for every answer, and the decoder runs in chunks.
         """
-        pad = self._pad_id()
-        eos = self.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
-        # answer mask: tokens up to and including the first eos; padding after it is ignored
-        is_eos = torch.zeros_like(answer_ids, dtype=torch.bool)
-        for e in eos_ids:
-            is_eos |= answer_ids == e
-        before_eos = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
-        ans_mask = before_eos & ((answer_ids != pad) | is_eos)
+        ans_mask = self._answer_token_mask(answer_ids)
         if self.is_generator_encoder_decoder:
             labels = answer_ids.masked_fill(~ans_mask, -100)
             if encoder_states is None:

@@ -106,8 +106,8 @@ def test_training_logits_only_at_answer_positions_give_the_same_loss_and_gradien
 @pytest.mark.parametrize("kind", ["bart", "t5"])
 @pytest.mark.parametrize("mode", MODES)
 def test_length_sorted_chunks_give_the_same_loss_gradients_and_generations(kind, mode, monkeypatch):
-    """Encoder-decoder contexts run in length-sorted chunks trimmed to their own length (training and
-    generation): the results equal one padded batch."""
+    """Encoder-decoder contexts run in length-sorted chunks trimmed to their own length (training, and
+    decoding in length groups): the results equal one padded batch."""
     import modeling_rag.modeling_rag as mr
 
     model = make_tiny_rag(kind, mode).eval()  # no dropout (BART's is functional); gradients still flow
@@ -135,7 +135,9 @@ def test_length_sorted_chunks_give_the_same_loss_gradients_and_generations(kind,
     whole, whole_grads, whole_gen = run()
     chunk_tokens = int(lengths.max()) * 2  # chunks of two rows
     monkeypatch.setattr(mr, "ENCODER_CHUNK_TOKENS", chunk_tokens)
+    monkeypatch.setattr(mr, "DECODE_GROUP_MIN_ROWS", 1)  # decoding in length groups too
     assert len(model._length_chunks(batch["context_attention_mask"])) > 1
+    assert len(model._length_groups(batch["context_attention_mask"], n_docs=1, expand=1)) > 1
     chunked, chunked_grads, chunked_gen = run()
     torch.testing.assert_close(chunked.loss, whole.loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chunked.logits, whole.logits, rtol=1e-4, atol=1e-4)
@@ -268,6 +270,40 @@ def test_rag_token_beam_search_scores_match_the_marginal(kind):
                     per_doc.append(torch.log_softmax(logits.float(), -1))
                 total += float(torch.logsumexp(doc_lp[:, None] + torch.stack(per_doc), 0)[seq[t]])
         assert abs(total - float(out.sequences_scores[b])) < 1e-3, answers
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bart"])
+@pytest.mark.parametrize("decoding", ["fast", "thorough"])
+def test_rag_sequence_greedy_reuses_decoding_scores_exactly(kind, decoding, monkeypatch):
+    """Greedy RAG-Sequence takes each hypothesis's score under its own document from decoding and rescores
+    only the other pairs: the same hypotheses and scores as rescoring everything."""
+    import modeling_rag.modeling_rag as mr
+
+    model = make_tiny_rag(kind, "rag_sequence", sequence_decoding=decoding)
+    kwargs = dict(passages=PASSAGES, doc_scores=SCORES, max_new_tokens=5, return_dict_in_generate=True)
+    calls = []
+    real = RagForGeneration._sequence_logprobs
+
+    def counting(self, ctx_ids, ctx_mask, answer_ids, *a, **k):
+        calls.append(answer_ids.shape[0])
+        return real(self, ctx_ids, ctx_mask, answer_ids, *a, **k)
+
+    monkeypatch.setattr(RagForGeneration, "_sequence_logprobs", counting)
+    reused = model.generate(QUESTIONS, **kwargs)
+    reused_rows = sum(calls)
+    calls.clear()
+    monkeypatch.setattr(mr, "OWN_SCORES_MAX_LOGITS", 0)  # forces rescoring of every pair
+    rescored = model.generate(QUESTIONS, **kwargs)
+    torch.testing.assert_close(reused.sequences, rescored.sequences)
+    torch.testing.assert_close(reused.sequences_scores, rescored.sequences_scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reused.doc_posteriors, rescored.doc_posteriors, rtol=1e-5, atol=1e-5)
+    n = len(PASSAGES[0])
+    # rescoring everything scores each question's own hypotheses (fast) or each distinct one under every
+    # document (thorough); reuse skips the pairs decoding already scored (fast: all of them)
+    assert reused_rows < sum(calls)
+    if decoding == "fast":
+        assert reused_rows == len(QUESTIONS) * n  # only the pass for doc_posteriors is left
+    assert sum(calls) >= len(QUESTIONS) * n
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bart"])

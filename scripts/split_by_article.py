@@ -4,7 +4,8 @@
 A question's article is the title of its first gold passage (``positive_passage_ids`` looked up in
 ``--passages``). ``--held-out`` articles, drawn with ``--seed``, go to ``held_out.jsonl`` with their
 passages in ``held_out_passages.jsonl``; the rest go to ``train.jsonl``. ``--also-train`` files are
-appended to the training questions, and ``--also-passages`` to a combined ``passages.jsonl`` (the
+appended to the training questions (``--train-sample N`` also writes a seeded sample of N of them that
+keeps every ``--also-train`` row), and ``--also-passages`` to a combined ``passages.jsonl`` (the
 corpus to index for training). ``split.json`` records what went where. Every file is written
 atomically.
 
@@ -81,8 +82,18 @@ def split(args: argparse.Namespace) -> dict:
     held = set(random.Random(args.seed).sample(names, args.held_out))
     train = [q for q, a in zip(questions, articles) if a not in held]
     held_out = [q for q, a in zip(questions, articles) if a in held]
-    for path in args.also_train or []:
-        train.extend(read_jsonl(path))
+    also = [row for path in args.also_train or [] for row in read_jsonl(path)]
+    sample = None
+    if args.train_sample is not None:
+        if not len(also) <= args.train_sample <= len(also) + len(train):
+            raise DataFormatError(
+                f"--train-sample must be between {len(also)} (the --also-train rows) and {len(also) + len(train)}, "
+                f"got {args.train_sample}."
+            )
+        rng = random.Random(args.seed)
+        sample = also + rng.sample(train, args.train_sample - len(also))
+        rng.shuffle(sample)
+    train.extend(also)
     corpus = list(passages)
     for path in args.also_passages or []:
         corpus.extend(read_jsonl(path))
@@ -96,6 +107,8 @@ def split(args: argparse.Namespace) -> dict:
     write_jsonl(out("held_out.jsonl"), held_out)
     write_jsonl(out("held_out_passages.jsonl"), [p for p in passages if titles[str(p["id"])] in held])
     write_jsonl(out("passages.jsonl"), corpus)
+    if sample is not None:
+        write_jsonl(out("train_sample.jsonl"), sample)
     summary = {
         "seed": args.seed,
         "held_out_articles": sorted(held),
@@ -103,6 +116,7 @@ def split(args: argparse.Namespace) -> dict:
         "train_questions": len(train),
         "held_out_questions": len(held_out),
         "passages": len(corpus),
+        "train_sample_questions": None if sample is None else len(sample),
     }
     atomic_write_text(out("split.json"), json.dumps(summary, indent=2) + "\n")
     return summary
@@ -116,6 +130,13 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the draw of held-out articles.")
     parser.add_argument("--also-train", nargs="*", help="Question files appended to the training split.")
     parser.add_argument("--also-passages", nargs="*", help="Passage files appended to the combined corpus.")
+    parser.add_argument(
+        "--train-sample",
+        type=int,
+        default=None,
+        help="Also write train_sample.jsonl: every --also-train row plus a seeded random draw of split training "
+        "questions, this many in all, shuffled (for runs that cannot afford every question).",
+    )
     parser.add_argument("--output-dir", required=True)
     return parser
 

@@ -84,3 +84,16 @@ def test_bad_input_is_refused(tmp_path, data, change, message):
     argv = ["--questions", questions, "--passages", data["passages"], "--held-out", change.get("held_out", "1")]
     with pytest.raises(DataFormatError, match=message):
         _script().main([*argv, "--output-dir", str(tmp_path / "o")])
+
+
+def test_train_sample_keeps_every_also_train_row(tmp_path, data):
+    out = tmp_path / "out"
+    argv = ["--questions", data["questions"], "--passages", data["passages"], "--held-out", "1"]
+    argv += ["--also-train", data["extra_q"], "--train-sample", "5", "--output-dir", str(out)]
+    summary = _script().main(argv)
+    sample, train = _read(out / "train_sample.jsonl"), _read(out / "train.jsonl")
+    assert summary["train_sample_questions"] == len(sample) == 5
+    assert {"question": "q z", "answers": ["z"], "positive_passage_ids": ["Z-0"]} in sample
+    assert all(row in train for row in sample) and len({r["question"] for r in sample}) == 5
+    with pytest.raises(DataFormatError, match="--train-sample must be between 1"):
+        _script().main([*argv[:-4], "--train-sample", "0", "--output-dir", str(tmp_path / "o")])

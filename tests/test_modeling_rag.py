@@ -132,9 +132,11 @@ def test_length_sorted_chunks_give_the_same_loss_gradients_and_generations(kind,
         return out, grads, gen
 
     monkeypatch.setattr(mr, "ENCODER_CHUNK_TOKENS", 10**9)
+    monkeypatch.setattr(mr, "TRAIN_CHUNK_TOKENS", 10**9)
     whole, whole_grads, whole_gen = run()
     chunk_tokens = int(lengths.max()) * 2  # chunks of two rows
     monkeypatch.setattr(mr, "ENCODER_CHUNK_TOKENS", chunk_tokens)
+    monkeypatch.setattr(mr, "TRAIN_CHUNK_TOKENS", chunk_tokens)
     monkeypatch.setattr(mr, "DECODE_GROUP_MIN_ROWS", 1)  # decoding in length groups too
     assert len(model._length_chunks(batch["context_attention_mask"])) > 1
     assert len(model._length_groups(batch["context_attention_mask"], n_docs=1, expand=1)) > 1

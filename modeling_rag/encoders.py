@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import RagConfigError, RagInputError
 
 POOLING_METHODS = ("cls", "mean", "pooler")
@@ -141,6 +142,7 @@ def encode_texts_resumable(
     rank: int = 0,
     world_size: int = 1,
     barrier=None,
+    fingerprint: str | None = None,
     **encode_kwargs,
 ) -> np.ndarray:
     """`encode_texts` in shards saved under `work_dir`, so a build that was killed resumes where it stopped.
@@ -151,15 +153,14 @@ def encode_texts_resumable(
     finished shard that checks out (shape, dtype, finite values) and encodes only the rest; a different key
     starts over. With several processes (`rank` of `world_size`, sharing `work_dir`), shard i is encoded by
     process i % world_size and `barrier()` is called before the shards are read back. Returns all vectors
-    `[len(texts), hidden]`, in order; the caller deletes `work_dir` once the index is saved.
+    `[len(texts), hidden]`, in order; the caller removes the shards (`clear_shard_dir`) once the index is
+    saved. `fingerprint` is the encoder's `weights_fingerprint` when the caller has it already.
     """
-    from .atomic import atomic_write_bytes, atomic_write_text
-
     if shard_size < 1:
         raise RagConfigError(f"shard_size must be a positive integer, got {shard_size}.")
     texts, encode_kwargs = list(texts), dict(encode_kwargs)
     digest = hashlib.sha256()
-    digest.update(weights_fingerprint(encoder).encode())
+    digest.update((fingerprint or weights_fingerprint(encoder)).encode())
     digest.update(json.dumps({k: encode_kwargs.get(k) for k in ("pooling", "normalize", "max_length")}).encode())
     digest.update(str(shard_size).encode())
     for t in texts:
@@ -190,7 +191,7 @@ def encode_texts_resumable(
             same = False
         if not same:  # another corpus, encoder or setting: its shards are of no use
             for name in os.listdir(work_dir):
-                if name.startswith("shard_") and name.endswith(".npy"):
+                if _is_shard_file(name):
                     os.remove(os.path.join(work_dir, name))
             atomic_write_text(state_path, json.dumps({"key": key, "shards": n_shards, "texts": len(texts)}) + "\n")
     if barrier is not None:
@@ -215,12 +216,16 @@ def encode_texts_resumable(
     return np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.float32)
 
 
+def _is_shard_file(name: str) -> bool:
+    return name.startswith("shard_") and name.endswith(".npy")
+
+
 def clear_shard_dir(work_dir: str) -> None:
     """Removes the shards and state `encode_texts_resumable` wrote (and the folder, if nothing else is in it)."""
     if not os.path.isdir(work_dir):
         return
     for name in os.listdir(work_dir):
-        if name == SHARD_STATE_NAME or (name.startswith("shard_") and name.endswith(".npy")):
+        if name == SHARD_STATE_NAME or _is_shard_file(name):
             os.remove(os.path.join(work_dir, name))
     try:
         os.rmdir(work_dir)

@@ -335,6 +335,7 @@ class RagRetriever:
             "show_progress": progress,
             "desc": "Encoding passages",
         }
+        fingerprint = weights_fingerprint(encoder)
         if work_dir is not None:
             if accelerator is not None:
                 encoder = encoder.to(accelerator.device)
@@ -347,6 +348,7 @@ class RagRetriever:
                 rank=0 if accelerator is None else accelerator.process_index,
                 world_size=1 if accelerator is None else accelerator.num_processes,
                 barrier=None if accelerator is None else accelerator.wait_for_everyone,
+                fingerprint=fingerprint,
                 **encode_kwargs,
             )
         elif accelerator is not None and accelerator.num_processes > 1:
@@ -363,7 +365,7 @@ class RagRetriever:
             metric=metric,
             kind=kind,
             encoder_name=encoder_name,
-            encoder_fingerprint=weights_fingerprint(encoder),
+            encoder_fingerprint=fingerprint,
             chunking=chunking_config(tokenizer, max_tokens, overlap),
             show_progress=progress,
         )

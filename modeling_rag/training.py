@@ -65,7 +65,6 @@ __all__ = [
     "seed_everything",
 ]
 
-TRAIN_LOG = TRAIN_LOG_NAME
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -914,7 +913,7 @@ class Trainer:
         # the step counters go into each checkpoint as JSON (TrainState.save), not through
         # register_for_checkpointing, whose custom_checkpoint_*.pkl accelerate unpickles without restriction
         self.state = TrainState()
-        self.log_path = os.path.join(args.output_dir, TRAIN_LOG)
+        self.log_path = os.path.join(args.output_dir, TRAIN_LOG_NAME)
         self.history: list[dict] = []
         self.checkpoint_every = None
         self.checkpoint_epochs = False

@@ -98,7 +98,6 @@ def test_two_process_build_matches_one_process(tmp_path, corpus_file, encoder_di
 def test_killed_build_resumes_from_its_finished_shards(tmp_path, corpus_file, encoder_dir, monkeypatch):
     import signal
 
-    import modeling_rag.atomic as atomic
     import modeling_rag.encoders as encoders
 
     args = ["--shard-size", "3"]
@@ -110,17 +109,17 @@ def test_killed_build_resumes_from_its_finished_shards(tmp_path, corpus_file, en
 
     out = tmp_path / "index"
     pid = os.fork()
-    if pid == 0:  # child: SIGKILL at the 4th atomic write (build state, then shards 0 and 1 are finished)
+    if pid == 0:  # child: SIGKILL at the 3rd shard write (shards 0 and 1 are finished)
         try:
-            real, count = atomic.atomic_write_bytes, [0]
+            real, count = encoders.atomic_write_bytes, [0]
 
             def write(*a, **k):
                 count[0] += 1
-                if count[0] == 4:
+                if count[0] == 3:
                     os.kill(os.getpid(), signal.SIGKILL)
                 return real(*a, **k)
 
-            atomic.atomic_write_bytes = write
+            encoders.atomic_write_bytes = write
             _main()([*_args(corpus_file, encoder_dir, out), *args])
         finally:
             os._exit(0)

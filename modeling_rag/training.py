@@ -950,6 +950,20 @@ class Trainer:
             state=self.state,
         )
 
+    def evaluate_before_training(self) -> dict | None:
+        """Runs `evaluate` once before the first step of a fresh run and logs it as step 0.
+
+        Returns the metrics, or None when there is no `evaluate` or the run resumes from a checkpoint.
+        """
+        if self.evaluate is None or self.args.resume_from_checkpoint:
+            return None
+        metrics = self.evaluate()
+        if not metrics:
+            return None
+        self._log({"step": 0, "epoch": 0, **{f"eval_{k}": v for k, v in metrics.items()}})
+        self.accelerator.print(f"Before training: {metrics}")
+        return metrics
+
     def _run_eval(self) -> None:
         if self.evaluate is None:
             return

@@ -197,12 +197,7 @@ def main(argv=None) -> dict:
         named_parameters=trainable,
     )
     holder["trainer"] = trainer
-    before = None
-    if dev is not None and args.eval_before_training and not args.resume_from_checkpoint:
-        before = evaluate()
-        if before:
-            trainer._log({"step": 0, "epoch": 0, **{f"eval_{k}": v for k, v in before.items()}})
-            accelerator.print(f"Before training: {before}")
+    before = trainer.evaluate_before_training() if args.eval_before_training else None
     trainer.train()
     result = {"history": trainer.history, "stopped_early": trainer.stopped_early}
     if trainer.stopped_early:

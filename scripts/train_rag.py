@@ -211,11 +211,7 @@ def main(argv=None) -> dict:
         on_step_end=reencode,
     )
     holder["trainer"] = trainer
-    before = None
-    if dev is not None and args.eval_before_training and not args.resume_from_checkpoint:
-        before = evaluate()
-        if before:
-            trainer._log({"step": 0, "epoch": 0, **{f"eval_{k}": v for k, v in before.items()}})
+    before = trainer.evaluate_before_training() if args.eval_before_training else None
     if args.resume_from_checkpoint and args.train_context_encoder:
         trainer.resume()  # load the weights now, so that the index matches them
         args.resume_from_checkpoint = None

@@ -385,11 +385,7 @@ def main(argv=None) -> dict:
         named_parameters=trainable,
     )
     state_holder["trainer"] = trainer
-    before = None
-    if dev is not None and not args.resume_from_checkpoint:
-        before = evaluate()
-        if before:
-            trainer._log({"step": 0, "epoch": 0, **{f"eval_{k}": v for k, v in before.items()}})
+    before = trainer.evaluate_before_training()
     trainer.train()
     result = {"history": trainer.history, "stopped_early": trainer.stopped_early}
     if trainer.stopped_early:

@@ -1,4 +1,5 @@
-"""Contrastive losses for training the retriever's encoders.
+"""Losses: the contrastive losses that train the retriever's encoders, and [`label_log_probs`], the
+memory-light log-probability of the answer tokens that the generator's losses are built from.
 
 The loss is InfoNCE, also called the multiple-negatives ranking loss: each question must score its
 positive passage above every other passage of the batch (the other questions' positives and every
@@ -53,11 +54,56 @@ __all__ = [
     "RandContext",
     "gather_with_grad",
     "info_nce_loss",
+    "label_log_probs",
     "passage_keys",
     "similarity_matrix",
 ]
 
 SIMILARITIES = ("dot", "cos", "l2")
+
+
+class _LabelLogProbs(torch.autograd.Function):
+    """log softmax(logits)[label] along the last axis, saving only the logits for the backward."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        valid = labels != -100
+        index = labels.clamp(min=0).unsqueeze(-1)
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 logits
+        lse = torch.logsumexp(logits.to(dtype), dim=-1)
+        picked = logits.gather(-1, index).squeeze(-1).to(dtype)
+        ctx.save_for_backward(logits, index, lse, valid)
+        return (picked - lse) * valid
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        logits, index, lse, valid = ctx.saved_tensors
+        g = (grad.to(lse.dtype) * valid).unsqueeze(-1)
+        # d/dlogits of (logit[label] - logsumexp) = onehot(label) - softmax, times the incoming gradient
+        grad_logits = torch.exp(logits.to(lse.dtype) - lse.unsqueeze(-1))
+        grad_logits.mul_(-g)
+        grad_logits.scatter_add_(-1, index, g)
+        return grad_logits.to(logits.dtype), None
+
+
+def label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each label under `logits`: `[..., V]` and `[...]` give `[...]`, 0 where -100.
+
+    The result is float32 (float64 for float64 logits).
+
+    Equal to ``log_softmax(logits).gather(-1, labels)`` (masked), but the autograd graph keeps only
+    `logits`, which the caller usually holds anyway, instead of a second `[..., V]` tensor of
+    log-probabilities, and the backward writes one `[..., V]` gradient instead of two. With a
+    vocabulary of 50k and a few thousand answer tokens per step, that is hundreds of MB of a
+    training step's peak memory.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise RagInputError(
+            f"label_log_probs needs labels shaped like logits without the vocabulary axis: logits "
+            f"{tuple(logits.shape)}, labels {tuple(labels.shape)}."
+        )
+    return _LabelLogProbs.apply(logits, labels)
 
 
 def similarity_matrix(questions: torch.Tensor, passages: torch.Tensor, similarity: str = "dot") -> torch.Tensor:

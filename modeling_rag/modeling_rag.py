@@ -24,12 +24,14 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput
 
+from .activation_recompute import recompute_feed_forward_activations
 from .atomic import JOURNAL_NAME, commit_staged_folder, new_staging_folder, recover_interrupted_commit
 from .configuration_rag import RagConfig
 from .constants import CONFIG_NAME, GENERATOR_TOKENIZER_DIR, QUESTION_ENCODER_TOKENIZER_DIR
 from .context import ContextPacker, generator_window, pad_batch
 from .encoders import encoder_forward, weights_fingerprint
 from .errors import IndexMismatchError, RagConfigError, RagInputError
+from .losses import label_log_probs
 from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource
 from .tokenization_rag import RagTokenizer
 
@@ -563,8 +565,14 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             question_embeddings = self.encode_questions(input_ids, attention_mask)
         scores = self._doc_scores(question_embeddings, doc_embeddings, doc_scores)
 
+        # training: BART-family feed-forward layers recompute their activation in the backward pass
+        # instead of keeping it (the largest activations of a step; gradients unchanged)
+        recompute = recompute_feed_forward_activations(
+            self.generator, enabled=self.training and torch.is_grad_enabled() and labels is not None
+        )
         if mode == "concat":
-            logits, loss = self._concat_forward(context_input_ids, context_attention_mask, labels)
+            with recompute:
+                logits, loss = self._concat_forward(context_input_ids, context_attention_mask, labels)
             return RagOutput(
                 loss=loss,
                 logits=logits,
@@ -581,9 +589,10 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                 f"{mode} mode needs one generator input per document: context_input_ids has "
                 f"{context_input_ids.shape[0]} rows, expected batch_size * n_docs = {batch_size * n}."
             )
-        logits, token_logprobs, token_mask = self._per_doc_token_logprobs(
-            context_input_ids, context_attention_mask, labels, batch_size, n
-        )
+        with recompute:
+            logits, token_logprobs, token_mask = self._per_doc_token_logprobs(
+                context_input_ids, context_attention_mask, labels, batch_size, n
+            )
         loss = posteriors = None
         if token_logprobs is not None:
             doc_logprobs = torch.log_softmax(scores.float(), dim=-1)  # [B, n]
@@ -670,7 +679,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             chunks = [(torch.arange(ids.shape[0], device=ids.device), ids.shape[1])]
         decoder_input_ids = prepare(labels=labels) if prepare is not None else None
         encoder = self.generator.get_encoder()
-        logits_parts, lp_parts, order = [], [], []
+        logits_parts, order = [], []
         for idx, length in chunks:
             if prepare is None:  # the generator builds its own decoder inputs (and loss) from labels
                 out = self.generator(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx], use_cache=False)
@@ -683,16 +692,18 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                     decoder_input_ids=decoder_input_ids[idx],
                     use_cache=False,
                 )
-            chunk_labels = labels[idx]
-            lp = torch.log_softmax(out.logits.float(), dim=-1)
-            lp = lp.gather(-1, chunk_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (chunk_labels != -100)
             logits_parts.append(out.logits)
-            lp_parts.append(lp)
             order.append(idx)
+            del out
         if len(chunks) == 1:
-            return logits_parts[0], lp_parts[0]
-        inverse = torch.argsort(torch.cat(order))
-        return torch.cat(logits_parts)[inverse], torch.cat(lp_parts)[inverse]
+            logits = logits_parts[0]
+        else:
+            # one row-ordered logits tensor, returned and also the only [R, T, V] tensor the loss saves
+            inverse = torch.argsort(torch.cat(order))
+            logits = torch.cat(logits_parts)
+            del logits_parts
+            logits = logits[inverse]
+        return logits, label_log_probs(logits, labels)
 
     def _encode_context(self, ids, mask) -> BaseModelOutput:
         """The generator's encoder over context rows `[R, L]` (encoder-decoder generators).
@@ -784,8 +795,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             shift_logits, shift_labels = logits, labels[:, keep + 1]
         # answer tokens sit at different positions in each row: gather them into aligned columns
         valid = shift_labels != -100  # [R, L-1] (or [R, K] over the kept positions)
-        lp_all = torch.log_softmax(shift_logits.float(), dim=-1)
-        lp = lp_all.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid  # [R, L-1]
+        lp = label_log_probs(shift_logits, shift_labels)  # [R, L-1]
         counts = valid.sum(-1)
         t_max = int(counts.max().item()) if counts.numel() else 0
         column = (valid.long().cumsum(-1) - 1).clamp(min=0)

@@ -10,6 +10,7 @@ from modeling_rag.losses import (
     RandContext,
     gather_with_grad,
     info_nce_loss,
+    label_log_probs,
     similarity_matrix,
 )
 
@@ -188,3 +189,38 @@ def test_repeated_passages_count_once():
     twice = loss_fn(q, torch.cat([p, p[[2, 3, 1]]]), labels, passage_ids=torch.cat([keys, keys[[2, 3, 1]]]))
     assert torch.allclose(once, twice, atol=1e-6)
     assert torch.allclose(once, info_nce_loss(q, p, labels, temperature=0.05), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_label_log_probs_matches_log_softmax_gather_with_gradients(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, 11, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, 11, (3, 5))
+    labels[0, 3:] = -100
+    labels[2, 0] = -100
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref = (
+        torch.log_softmax(ref_logits.to(torch.promote_types(dtype, torch.float32)), -1)
+        .gather(-1, labels.clamp(min=0).unsqueeze(-1))
+        .squeeze(-1)
+    )
+    ref = ref * (labels != -100)
+    got = label_log_probs(logits, labels)
+    assert got.dtype == torch.promote_types(dtype, torch.float32) and got.shape == labels.shape
+    assert torch.allclose(got, ref, atol=1e-6 if dtype != torch.bfloat16 else 1e-3)
+    assert (got[labels == -100] == 0).all()
+    weights = torch.randn(3, 5)
+    (got * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert logits.grad.dtype == dtype
+    tol = 1e-6 if dtype != torch.bfloat16 else 2e-2
+    assert torch.allclose(logits.grad.float(), ref_logits.grad.float(), atol=tol)
+    assert (logits.grad[0, 3:] == 0).all()  # ignored positions get no gradient
+
+
+def test_label_log_probs_gradcheck_and_shape_error():
+    logits = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[1, 6, -100, 0], [3, 3, 2, -100]])
+    assert torch.autograd.gradcheck(lambda x: label_log_probs(x, labels), (logits,))
+    with pytest.raises(RagInputError, match="labels shaped like logits"):
+        label_log_probs(logits, labels[:, :3])

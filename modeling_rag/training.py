@@ -827,17 +827,24 @@ def resolve_checkpoint(spec: str | None, output_dir: str) -> str | None:
     return spec
 
 
-def _optimizer(params, args) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+def _optimizer(params, args, learning_rate_for: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only; `learning_rate_for(name)` may give parameters their own rate."""
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in params:
         if not p.requires_grad:
             continue
-        (no_decay if (p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+        no_decay = p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+        lr = float(learning_rate_for(name)) if learning_rate_for is not None else float(args.learning_rate)
+        groups.setdefault((no_decay, lr), []).append(p)
     if not groups:
         raise RagConfigError("Nothing to train: every parameter is frozen.")
-    return torch.optim.AdamW(groups, lr=args.learning_rate)
+    return torch.optim.AdamW(
+        [
+            {"params": ps, "weight_decay": 0.0 if no_decay else args.weight_decay, "lr": lr}
+            for (no_decay, lr), ps in sorted(groups.items())
+        ],
+        lr=args.learning_rate,
+    )
 
 
 class Trainer:
@@ -857,6 +864,8 @@ class Trainer:
         on_epoch_start: Optional `(epoch, state) -> None`, e.g. hard-negative mining; it may store what
             must survive a resume in `state.extra` (checkpointed).
         named_parameters: The `(name, parameter)` pairs to optimise (default: the module's trainable ones).
+        learning_rate_for: Optional `(parameter name) -> learning rate`, for parameters that train at
+            their own rate (default: `args.learning_rate` for all); the schedule scales every rate alike.
         on_step_end: Optional `(state) -> None` called on every process after each optimizer step (e.g.
             re-encoding the index), before logging and checkpointing.
     """
@@ -873,6 +882,7 @@ class Trainer:
         on_epoch_start: Callable[[int, TrainState], None] | None = None,
         named_parameters: Iterable | None = None,
         on_step_end: Callable[[TrainState], None] | None = None,
+        learning_rate_for: Callable[[str], float] | None = None,
     ):
         from transformers import get_scheduler
 
@@ -893,7 +903,7 @@ class Trainer:
             # which a resumed run restores to the checkpoint's state
             generator=torch.Generator().manual_seed(int(args.seed)),
         )
-        optimizer = _optimizer(named_parameters or module.named_parameters(), args)
+        optimizer = _optimizer(named_parameters or module.named_parameters(), args, learning_rate_for)
         self.module, self.optimizer, self.dataloader = accelerator.prepare(module, optimizer, loader)
         self.batches_per_epoch = len(self.dataloader)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / args.gradient_accumulation_steps)
@@ -997,6 +1007,11 @@ class Trainer:
             atomic_write_text(self.log_path, "".join(kept))
         return True
 
+    def _current_learning_rate(self) -> float:
+        """`--learning-rate` as the schedule has scaled it now (groups with their own rate scale alike)."""
+        group = self.optimizer.param_groups[0]
+        return self.scheduler.get_last_lr()[0] * float(self.args.learning_rate) / float(group["initial_lr"])
+
     def train(self) -> list[dict]:
         """Runs (or resumes) the training loop; returns this invocation's log records."""
         acc, args, state = self.accelerator, self.args, self.state
@@ -1049,7 +1064,7 @@ class Trainer:
                             "step": state.global_step,
                             "epoch": epoch,
                             "loss": step_loss,
-                            "lr": self.scheduler.get_last_lr()[0],
+                            "lr": self._current_learning_rate(),
                             "elapsed_s": round(time.time() - t0, 2),
                         }
                     )

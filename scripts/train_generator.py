@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from modeling_rag.errors import DataFormatError, RagConfigError
+from modeling_rag.errors import RagConfigError, RagError
 from modeling_rag.training import (
     Trainer,
     add_context_args,
@@ -218,6 +218,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (RagConfigError, DataFormatError) as err:
+    except RagError as err:  # bad options or data: the message says what to change
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -36,7 +36,7 @@ from torch import nn
 
 from modeling_rag.atomic import atomic_write_text
 from modeling_rag.encoders import encoder_forward
-from modeling_rag.errors import DataFormatError, RagConfigError
+from modeling_rag.errors import DataFormatError, RagConfigError, RagError
 from modeling_rag.losses import CachedContrastiveLoss, ContrastiveLoss
 from modeling_rag.metrics import answer_in_text
 from modeling_rag.training import (
@@ -428,6 +428,6 @@ def positions_first(pid: str, by_id: dict) -> list[int]:
 if __name__ == "__main__":
     try:
         main()
-    except (RagConfigError, DataFormatError) as err:
+    except RagError as err:  # bad options or data: the message says what to change
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -16,7 +16,7 @@ import torch
 from conftest import TINY_PASSAGES, make_tiny_rag
 from safetensors.torch import load_file
 
-from modeling_rag.errors import DataFormatError, RagConfigError
+from modeling_rag.errors import DataFormatError, RagConfigError, RagInputError
 from modeling_rag.training import build_parser, load_training_examples, parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -456,3 +456,34 @@ def test_resume_loads_only_weights_only_files_and_refuses_foreign_folders(tiny, 
     (foreign / "trainer_state.json").write_text('{"global_step": -1, "epoch": 0, "batches_in_epoch": 0}')
     with pytest.raises(RagConfigError, match="damaged"):
         script.main(_retriever_argv(tiny, tmp_path / "other", "--resume-from-checkpoint", str(foreign)))
+
+
+def test_train_rag_retriever_learning_rate_applies_to_the_encoder_only(tiny, tmp_path):
+    """--retriever-learning-rate gives the question encoder its own rate; the generator keeps --learning-rate."""
+    script = _script("rag")
+    base = ["--model", tiny["model"], "--train-file", tiny["train"], "--cpu", "--batch-size", "2"]
+    base += [
+        "--max-train-steps",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--lr-scheduler",
+        "constant",
+        "--save-dtype",
+        "float32",
+    ]
+    start = load_file(os.path.join(tiny["model"], "model.safetensors"))
+
+    def moved(folder, part):
+        end = load_file(os.path.join(folder, "final", "model.safetensors"))
+        return max(float((end[k].float() - start[k].float()).abs().max()) for k in end if k.startswith(part))
+
+    script.main(base + ["--output-dir", str(tmp_path / "same")])
+    script.main(base + ["--output-dir", str(tmp_path / "slow"), "--retriever-learning-rate", "1e-9"])
+    logged = [json.loads(line) for line in open(tmp_path / "slow" / "train_log.jsonl")]
+    assert [r["lr"] for r in logged if "lr" in r] == [1e-3, 1e-3]  # the log shows --learning-rate
+    assert moved(tmp_path / "same", "question_encoder.") > 1e-4
+    assert moved(tmp_path / "slow", "question_encoder.") < 1e-7  # Adam's step is about the rate: 2 x 1e-9
+    assert moved(tmp_path / "slow", "generator.") > 1e-4
+    with pytest.raises(RagInputError, match="--retriever-learning-rate"):
+        script.main(base + ["--output-dir", str(tmp_path / "bad"), "--retriever-learning-rate", "0"])

@@ -488,8 +488,11 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             a_ids = self._answer_ids(answer, with_eos=True)
             seqs.append(prompt + a_ids)
             labels.append([-100] * len(prompt) + a_ids)
-        ids, mask = pad_batch(seqs, pad_id, side="right")
-        lab, _ = pad_batch(labels, -100, side="right")
+        # left-padded: every row's answer ends in the last column, so the positions that training computes
+        # logits for (`_answer_positions`, the union over rows) span the longest answer, not the spread
+        # of context lengths
+        ids, mask = pad_batch(seqs, pad_id, side="left")
+        lab, _ = pad_batch(labels, -100, side="left")
         out["context_input_ids"], out["context_attention_mask"], out["labels"] = (
             ids.to(device),
             mask.to(device),

@@ -474,3 +474,33 @@ def test_from_pretrained_question_encoder_generator(tmp_path):
         assert torch.equal(a, b), name
     assert model.config.n_docs == 2
     assert model.answer("Who?", passages=[["Rollo"]], max_new_tokens=2)[0].sources[0].text == "Rollo"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("mode", ["rag_sequence", "rag_token"])
+def test_decoder_only_training_rows_are_left_padded_and_each_question_scores_as_alone(kind, mode):
+    """Decoder-only training rows end with their answer in the last column: logits are computed for the
+    longest answer's positions only, and a question's loss in a batch equals its loss alone."""
+    model = make_tiny_rag(kind, mode).train()
+    for m in model.modules():  # dropout off: batch and single runs must be comparable
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    long_passage = {"id": "long", "title": "Long", "text": " ".join([TINY_PASSAGES[5]["text"]] * 6)}
+    questions = ["Who?", "Which leader of the Norse gave his name to a region of France, and when was it?"]
+    answers = ["Rollo, the Norse leader", "Paris"]
+    passages = [[TINY_PASSAGES[0], long_passage], [TINY_PASSAGES[1], TINY_PASSAGES[2]]]
+    scores = [[2.0, 0.5], [1.5, 1.0]]
+    batch = model.prepare_inputs(questions, answers, passages=passages, doc_scores=scores)
+    batch.pop("passages")
+    lengths = batch["context_attention_mask"].sum(-1)
+    assert lengths.max() - lengths.min() > 20  # contexts of very different lengths
+    assert (batch["context_attention_mask"][:, -1] == 1).all()  # left-padded
+    answer_tokens = (batch["labels"] != -100).sum(-1)
+    assert len(model._answer_positions(batch["labels"])) == int(answer_tokens.max())
+    together = model(**batch).loss
+    alone = []
+    for i in range(2):
+        single = model.prepare_inputs([questions[i]], [answers[i]], passages=[passages[i]], doc_scores=[scores[i]])
+        single.pop("passages")
+        alone.append(model(**single).loss)
+    assert torch.allclose(together, torch.stack(alone).mean(), atol=1e-5)

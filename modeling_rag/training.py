@@ -1099,7 +1099,11 @@ class Trainer:
 def enable_gradient_checkpointing(*modules) -> None:
     """Non-reentrant gradient checkpointing (safe with DDP and with frozen inputs) on each module."""
     for m in modules:
-        if m is not None and hasattr(m, "gradient_checkpointing_enable"):
+        if m is None:
+            continue
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(m, "gradient_checkpointing_enable"):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 

@@ -7,6 +7,7 @@ from transformers import AutoModelForSeq2SeqLM
 
 import modeling_rag.modeling_rag as mr
 from modeling_rag.activation_recompute import recompute_feed_forward_activations
+from modeling_rag.training import enable_gradient_checkpointing
 
 
 def _tiny_bart(**overrides):
@@ -75,7 +76,7 @@ def test_left_alone_when_it_would_change_the_computation():
     with recompute_feed_forward_activations(_tiny_bart(activation_dropout=0.1).eval()) as changed:
         assert changed == 4  # no dropout in eval mode
     model = _tiny_bart()
-    model.gradient_checkpointing_enable()
+    enable_gradient_checkpointing(model)
     with recompute_feed_forward_activations(model) as changed:
         assert changed == 0
     with recompute_feed_forward_activations(_tiny_bart(), enabled=False) as changed:

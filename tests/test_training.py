@@ -487,3 +487,33 @@ def test_train_rag_retriever_learning_rate_applies_to_the_encoder_only(tiny, tmp
     assert moved(tmp_path / "slow", "generator.") > 1e-4
     with pytest.raises(RagInputError, match="--retriever-learning-rate"):
         script.main(base + ["--output-dir", str(tmp_path / "bad"), "--retriever-learning-rate", "0"])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bart"])
+def test_gradient_checkpointing_switch_keeps_loss_and_gradients(kind):
+    """--gradient-checkpointing (non-reentrant, recomputing layers in the backward) changes memory, not results."""
+    from modeling_rag.training import enable_gradient_checkpointing
+
+    def step(checkpointing):
+        model = make_tiny_rag(kind, "rag_token").train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        if checkpointing:
+            enable_gradient_checkpointing(model.generator, model.question_encoder)
+            assert model.generator.is_activation_checkpointing
+        passages = [[TINY_PASSAGES[0], TINY_PASSAGES[1]], [TINY_PASSAGES[2], TINY_PASSAGES[3]]]
+        batch = model.prepare_inputs(
+            ["Who?", "Where is Rome?"], ["Rollo", "Italy"], passages=passages, doc_scores=[[1.0, 0.0], [0.5, 0.2]]
+        )
+        batch.pop("passages")
+        out = model(**batch)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = step(False)
+    loss_c, grads_c = step(True)
+    assert torch.allclose(loss, loss_c, atol=1e-6)
+    assert grads.keys() == grads_c.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], grads_c[name], atol=1e-6), name

@@ -39,8 +39,7 @@ class _ActivationLinear(torch.autograd.Function):
         ctx.activation = activation
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
-        with torch.no_grad():
-            return nn.functional.linear(activation(x), weight, bias)
+        return nn.functional.linear(activation(x), weight, bias)  # autograd records nothing inside forward
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -31,6 +31,12 @@ from .constants import CONFIG_NAME, GENERATOR_TOKENIZER_DIR, QUESTION_ENCODER_TO
 from .context import ContextPacker, generator_window, pad_batch
 from .encoders import encoder_forward, weights_fingerprint
 from .errors import IndexMismatchError, RagConfigError, RagInputError
+from .grouped_decoding import (
+    CrossAttentionPlan,
+    grouped_cross_attention,
+    grouped_cross_attention_modules,
+    merge_group_caches,
+)
 from .losses import label_log_probs
 from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource
 from .tokenization_rag import RagTokenizer
@@ -51,6 +57,10 @@ RESCORE_CHUNK_LOGITS = 1 << 25
 # cross-attention of each group covers only its own longest context, not the batch's.
 DECODE_GROUPS = 4
 DECODE_GROUP_MIN_ROWS = 32
+# After the first step (which computes each group's cross-attention keys and values over its own
+# width), decode the groups as one batch, each group still attending only to its own context
+# (`grouped_decoding`): the decoder's and LM head's weights are then read once per step, not per group.
+MERGE_DECODE_GROUPS = True
 # RAG-Sequence greedy decoding keeps each step's logits to score the hypotheses under their own
 # documents; above this many logits per generate call it rescores instead
 OWN_SCORES_MAX_LOGITS = 2**27
@@ -91,6 +101,20 @@ class _RagTokenState:
         self.encoder_states = None  # encoder-decoder generators: encoder outputs of the [B * n] contexts
         self.groups = None  # encoder-decoder generators: per length group (row index, encoder outputs, mask, cache)
         self.local_pos = None  # each row's position inside its group
+        self.merged = None  # after the first step, the groups decoded as one batch (_MergedDecoding), where possible
+
+
+class _MergedDecoding:
+    """The length groups of RAG-Token decoding merged into one batch (see `grouped_decoding`)."""
+
+    def __init__(self, cache, plan, order, mask, encoder_states):
+        self.cache = cache  # EncoderDecoderCache of the rows in merged order (cross-attention: stand-ins)
+        self.plan = plan  # CrossAttentionPlan: each group's rows, width and cross-attention keys/values
+        self.order = order  # merged position -> row
+        self.position = torch.empty_like(order)
+        self.position[order] = torch.arange(len(order), device=order.device)  # row -> merged position
+        self.mask = mask  # [rows, width] context mask in merged order
+        self.encoder_states = encoder_states  # zero-sized stand-in of the merged encoder states' shape
 
 
 class RagForGeneration(RagPreTrainedModel, GenerationMixin):
@@ -1205,8 +1229,10 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
     def _rag_token_step_seq2seq(self, input_ids, state: _RagTokenState):
         """The generator's next-token logits `[rows * n, V]` for an encoder-decoder generator.
 
-        The `[B * n]` contexts are encoded once (beams share their question's states); the rows are
-        decoded in groups of similar context length, each with its own cache.
+        The `[B * n]` contexts are encoded once (beams share their question's states); the first step
+        runs the rows in groups of similar context length, each with its own cache; later steps run
+        the groups as one batch where the generator allows it (`_merge_decode_groups`), else group
+        by group.
         """
         rows = input_ids.shape[0]
         n = state.n_docs
@@ -1237,14 +1263,10 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                 state.groups.append([idx, BaseModelOutput(last_hidden_state=states), mask, None])
             token = torch.full((rows * n, 1), state.start_id, dtype=torch.long, device=device)
         else:
-            # beams may have been reordered: find each row's previous row by its token prefix
-            prefix = input_ids[:, :-1]
-            if not torch.equal(prefix, state.prev_ids):
-                group = torch.arange(rows, device=device) // state.expand
-                same_group = group.unsqueeze(1) == group.unsqueeze(0)
-                matches = (prefix.unsqueeze(1) == state.prev_ids.unsqueeze(0)).all(-1) & same_group
-                source = matches.float().argmax(dim=1)
-                row_idx = (source.unsqueeze(1) * n + torch.arange(n, device=device)).reshape(-1)
+            row_idx = self._reordered_rows(input_ids, state)
+            if state.merged is not None:
+                return self._rag_token_step_merged(input_ids, state, row_idx)
+            if row_idx is not None:
                 # a row's source holds the same document of the same question, so it is in the same group
                 for g in state.groups:
                     g[3].reorder_cache(state.local_pos[row_idx[g[0]]])
@@ -1266,7 +1288,76 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                 if logits is None:
                     logits = out.logits.new_empty(rows * n, out.logits.shape[-1])
                 logits[idx] = out.logits[:, -1]
+        if len(state.groups) > 1 and input_ids.shape[1] == 1 and MERGE_DECODE_GROUPS:
+            state.merged = self._merge_decode_groups(state)
         return logits
+
+    @staticmethod
+    def _reordered_rows(input_ids, state: _RagTokenState) -> torch.Tensor | None:
+        """`[rows * n]` previous row of each (row, document) when beams were reordered, else None.
+
+        Rows are found by their token prefix, among the rows of the same question.
+        """
+        prefix = input_ids[:, :-1]
+        if torch.equal(prefix, state.prev_ids):
+            return None
+        rows, n, device = input_ids.shape[0], state.n_docs, input_ids.device
+        group = torch.arange(rows, device=device) // state.expand
+        same_group = group.unsqueeze(1) == group.unsqueeze(0)
+        matches = (prefix.unsqueeze(1) == state.prev_ids.unsqueeze(0)).all(-1) & same_group
+        source = matches.float().argmax(dim=1)
+        return (source.unsqueeze(1) * n + torch.arange(n, device=device)).reshape(-1)
+
+    def _merge_decode_groups(self, state: _RagTokenState) -> _MergedDecoding | None:
+        """After the first step: the length groups as one batch, or None if the generator does not allow it."""
+        layers = grouped_cross_attention_modules(self.generator)
+        if layers is None:
+            return None
+        groups = state.groups
+        merged = merge_group_caches([g[3] for g in groups], [len(g[0]) for g in groups])
+        if merged is None:
+            return None
+        cache, keys_values = merged
+        slices, start = [], 0
+        for idx, _, mask, _ in groups:
+            slices.append((start, start + len(idx), mask.shape[1]))
+            start += len(idx)
+        width = max(width for _, _, width in slices)
+        order = torch.cat([g[0] for g in groups])
+        mask = torch.zeros(len(order), width, dtype=groups[0][2].dtype, device=order.device)
+        for (first, end, w), g in zip(slices, groups):
+            mask[first:end, :w] = g[2]
+        states = groups[0][1].last_hidden_state
+        stand_in = states.new_zeros(()).expand(len(order), width, states.shape[-1])
+        for g in groups:  # their caches now live in the merged cache and the plan
+            g[1] = g[3] = None
+        plan = CrossAttentionPlan(slices=slices, keys_values=keys_values, layers=layers)
+        return _MergedDecoding(cache, plan, order, mask, stand_in)
+
+    def _rag_token_step_merged(self, input_ids, state: _RagTokenState, row_idx) -> torch.Tensor:
+        """A decoding step of the merged groups: `[rows * n, V]` next-token logits in row order."""
+        merged = state.merged
+        if row_idx is not None:
+            merged.cache.self_attention_cache.reorder_cache(merged.position[row_idx[merged.order]])
+        token = input_ids[:, -1:].repeat_interleave(state.n_docs, dim=0)[merged.order]
+        with grouped_cross_attention(self.generator, merged.plan):
+            out = self.generator(
+                encoder_outputs=BaseModelOutput(last_hidden_state=merged.encoder_states),
+                attention_mask=merged.mask,
+                decoder_input_ids=token,
+                cache=merged.cache,
+                use_cache=True,
+            )
+        served, expected = merged.plan.take_served(), len(merged.plan.layers)
+        if served != expected:
+            raise RuntimeError(
+                f"grouped RAG-Token decoding: {served} of the generator's {expected} cross-attention layers went "
+                "through the grouped attention function, so the others read stand-in keys. This transformers "
+                "version decodes differently; set modeling_rag.modeling_rag.MERGE_DECODE_GROUPS = False and "
+                "report it."
+            )
+        merged.cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        return out.logits[:, -1].index_select(0, merged.position)
 
     def _rag_token_step(self, input_ids, state: _RagTokenState) -> RagOutput:
         """One RAG-Token decoding step: log p(y_t | x, y_<t) = logsumexp_d log p(d|x) + log p(y_t | x, d, y_<t)."""

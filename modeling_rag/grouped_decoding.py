@@ -1,0 +1,185 @@
+"""RAG-Token decoding of all rows as one batch, while each length group attends only to its own context.
+
+RAG-Token decoding with an encoder-decoder generator runs `questions x documents` rows whose contexts
+differ in length (57 to 300 tokens in the benchmark). Decoding every row against the batch's longest
+context wastes the cross-attention's reads (and its key/value projection) on padding, so
+`RagForGeneration` decodes the rows in groups of similar length. But then each decoding step runs the
+decoder and the LM head once per group: at a few dozen rows per group those matrix products are bound
+by reading the weights (the LM head alone is 50k x 768 floats), not by arithmetic.
+
+This module keeps the groups for the first step only, which computes each group's cross-attention
+keys and values over its own context width, then merges the groups into one batch:
+
+- the self-attention caches of the groups are concatenated (rows in group order);
+- the cross-attention cache of the merged batch holds a zero-sized stand-in (`expand` of one zero),
+  so the generator does not project the encoder states again; the real keys and values stay per
+  group, in a [`CrossAttentionPlan`];
+- while the merged batch is decoded, the generator's attention implementation is switched to
+  ``"rag_grouped_sdpa"``, registered here with transformers' `AttentionInterface`: for the
+  generator's cross-attention modules it runs SDPA once per group on that group's rows, keys and
+  values (each trimmed to the group's width); every other attention call goes to transformers' SDPA
+  unchanged.
+
+The linear layers and the LM head then run once per step over all rows. The arithmetic is the same
+as group by group; outputs are equal to float rounding.
+
+It applies to generators whose cross-attention reads a transformers `EncoderDecoderCache` and calls
+the attention interface (the BART family: BART, mBART, Marian, Pegasus, Blenderbot, ...), with the
+``"sdpa"`` implementation. [`grouped_cross_attention_modules`] checks that; other generators keep
+decoding group by group. Each merged step also checks that every cross-attention module was served by
+the grouped function (a transformers version that bypassed it would otherwise read the stand-in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+__all__ = [
+    "GROUPED_ATTENTION",
+    "CrossAttentionPlan",
+    "grouped_cross_attention",
+    "grouped_cross_attention_modules",
+    "merge_group_caches",
+]
+
+GROUPED_ATTENTION = "rag_grouped_sdpa"
+# what a cross-attention forward must read for the stand-in cache to be safe: the cached keys and values
+# once `is_updated` is set, and the attention function from transformers' interface
+_SOURCE_MARKERS = ("is_updated", "cross_attention_cache", "ALL_ATTENTION_FUNCTIONS")
+_CLASS_MATCHES: dict[type, bool] = {}
+_ACTIVE = threading.local()
+
+
+@dataclass
+class CrossAttentionPlan:
+    """Where each group's rows and cross-attention keys/values are, for one merged decoding.
+
+    Attributes:
+        slices: per group, `(first row, end row, context width)` in the merged row order.
+        keys_values: per decoder layer, per group, the cross-attention `(keys, values)`, each
+            `[group rows, heads, group width, head_dim]`.
+        layers: `id(module) -> layer index` of the generator's cross-attention modules.
+        served: cross-attention calls answered by the grouped function since the last `take_served`.
+    """
+
+    slices: list[tuple[int, int, int]]
+    keys_values: list[list[tuple[torch.Tensor, torch.Tensor]]]
+    layers: dict[int, int]
+    served: int = field(default=0)
+
+    def take_served(self) -> int:
+        served, self.served = self.served, 0
+        return served
+
+
+def _grouped_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA, except for a planned cross-attention module: one SDPA per length group."""
+    plan: CrossAttentionPlan | None = getattr(_ACTIVE, "plan", None)
+    layer = None if plan is None else plan.layers.get(id(module))
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    batch, heads, q_len, head_dim = query.shape
+    out = query.new_empty(batch, q_len, heads, head_dim)
+    for (start, end, width), (k, v) in zip(plan.slices, plan.keys_values[layer]):
+        mask = None if attention_mask is None else attention_mask[start:end, ..., :width]
+        out[start:end], _ = sdpa_attention_forward(module, query[start:end], k, v, mask, **kwargs)
+    plan.served += 1
+    return out, None
+
+
+AttentionInterface.register(GROUPED_ATTENTION, _grouped_sdpa)
+AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
+
+
+def _reads_cached_cross_attention(cls: type) -> bool:
+    if cls not in _CLASS_MATCHES:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _CLASS_MATCHES[cls] = all(marker in source for marker in _SOURCE_MARKERS)
+    return _CLASS_MATCHES[cls]
+
+
+def grouped_cross_attention_modules(generator) -> dict[int, int] | None:
+    """`id(module) -> layer index` of `generator`'s cross-attention modules, or None if it does not qualify.
+
+    Qualifies: an encoder-decoder generator on transformers' ``"sdpa"`` attention whose decoder layers
+    each hold one ``encoder_attn`` module of a class that reads the cached cross-attention keys/values
+    and calls the attention interface.
+    """
+    config = generator.config
+    if not getattr(config, "is_encoder_decoder", False) or config._attn_implementation != "sdpa":
+        return None
+    layers = {}
+    for name, module in generator.named_modules():
+        if name.rsplit(".", 1)[-1] != "encoder_attn":
+            continue
+        index = getattr(module, "layer_idx", None)
+        if not isinstance(index, int) or not _reads_cached_cross_attention(type(module)):
+            return None
+        layers[id(module)] = index
+    decoder_layers = getattr(config, "decoder_layers", None)
+    if not layers or sorted(layers.values()) != list(range(decoder_layers or len(layers))):
+        return None
+    return layers
+
+
+def merge_group_caches(caches, group_rows: list[int]):
+    """One `EncoderDecoderCache` for the groups' rows in order, and the groups' cross keys/values.
+
+    Returns `(cache, keys_values)` or None when a cache is not an `EncoderDecoderCache` of dynamic
+    layers. The merged cross-attention cache holds zero-sized stand-ins of the merged shape (no memory),
+    so that the generator takes its keys/values as computed; the real ones are in `keys_values`.
+    """
+    if not all(isinstance(c, EncoderDecoderCache) for c in caches):
+        return None
+    n_layers = len(caches[0].self_attention_cache.layers)
+    try:
+        self_layers = [
+            (
+                torch.cat([c.self_attention_cache.layers[i].keys for c in caches]),
+                torch.cat([c.self_attention_cache.layers[i].values for c in caches]),
+            )
+            for i in range(n_layers)
+        ]
+        keys_values = [
+            [(c.cross_attention_cache.layers[i].keys, c.cross_attention_cache.layers[i].values) for c in caches]
+            for i in range(n_layers)
+        ]
+    except (AttributeError, IndexError, RuntimeError):
+        return None
+    if any(k is None or k.shape[0] != rows for layer in keys_values for (k, _), rows in zip(layer, group_rows)):
+        return None
+    rows = sum(group_rows)
+    width = max(k.shape[2] for layer in keys_values for k, _ in layer)
+    stand_ins = []
+    for layer in keys_values:
+        k = layer[0][0]
+        stand_in = k.new_zeros(()).expand(rows, k.shape[1], width, k.shape[3])
+        stand_ins.append((stand_in, stand_in))
+    return EncoderDecoderCache(DynamicCache(self_layers), DynamicCache(stand_ins)), keys_values
+
+
+@contextlib.contextmanager
+def grouped_cross_attention(generator, plan: CrossAttentionPlan) -> Iterator[None]:
+    """Inside: `generator`'s cross-attention runs per group as `plan` says; everything else as before."""
+    config = generator.config
+    previous = config._attn_implementation
+    config._attn_implementation = GROUPED_ATTENTION
+    _ACTIVE.plan = plan
+    try:
+        yield
+    finally:
+        _ACTIVE.plan = None
+        config._attn_implementation = previous

@@ -1,0 +1,96 @@
+"""RAG-Token decoding with the length groups merged into one batch (modeling_rag/grouped_decoding.py)."""
+
+import pytest
+import torch
+from conftest import TINY_PASSAGES, make_tiny_rag
+
+import modeling_rag.modeling_rag as mr
+from modeling_rag.grouped_decoding import grouped_cross_attention_modules
+
+QUESTIONS = ["Who was the Norse leader?", "Rome?", "Which leader gave his name to a region of France, and when?"]
+PASSAGES = [
+    [TINY_PASSAGES[0], TINY_PASSAGES[1], TINY_PASSAGES[3]],
+    [TINY_PASSAGES[2], TINY_PASSAGES[5], TINY_PASSAGES[4]],
+    [TINY_PASSAGES[3], TINY_PASSAGES[0], TINY_PASSAGES[2]],
+]
+SCORES = [[2.0, 0.5, -1.0], [0.3, 0.2, 0.1], [1.0, 2.0, 3.0]]
+
+
+def _decode(model, monkeypatch, merge: bool, **generate_kwargs):
+    """Generated ids, every step's marginal logits, and how many steps ran merged."""
+    monkeypatch.setattr(mr, "MERGE_DECODE_GROUPS", merge)
+    monkeypatch.setattr(mr, "DECODE_GROUP_MIN_ROWS", 1)  # several groups even for this small batch
+    steps, merged_steps = [], []
+    step, merged_step = type(model)._rag_token_step, type(model)._rag_token_step_merged
+
+    def recording_step(self, input_ids, state):
+        out = step(self, input_ids, state)
+        steps.append(out.logits.detach().clone())
+        return out
+
+    def recording_merged(self, *args):
+        merged_steps.append(1)
+        return merged_step(self, *args)
+
+    monkeypatch.setattr(type(model), "_rag_token_step", recording_step)
+    monkeypatch.setattr(type(model), "_rag_token_step_merged", recording_merged)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ids = model.generate(
+            QUESTIONS, passages=PASSAGES, doc_scores=SCORES, max_new_tokens=5, min_new_tokens=5, **generate_kwargs
+        )
+    monkeypatch.undo()
+    return ids, steps, len(merged_steps)
+
+
+@pytest.mark.parametrize(
+    "generate_kwargs",
+    [{"num_beams": 1}, {"num_beams": 3, "num_return_sequences": 2}, {"do_sample": True, "top_k": 20}],
+    ids=["greedy", "beams", "sampling"],
+)
+def test_merged_groups_decode_like_group_by_group(monkeypatch, generate_kwargs):
+    model = make_tiny_rag("bart", "rag_token").eval()
+    lengths = model.prepare_inputs(QUESTIONS, passages=PASSAGES)["context_attention_mask"].sum(-1)
+    assert lengths.min() < lengths.max()
+    ids, steps, merged = _decode(model, monkeypatch, merge=False, **generate_kwargs)
+    assert merged == 0
+    merged_ids, merged_steps, merged = _decode(model, monkeypatch, merge=True, **generate_kwargs)
+    assert merged == len(merged_steps) - 1 > 0  # every step after the first ran merged
+    assert torch.equal(merged_ids, ids)
+    assert len(merged_steps) == len(steps)
+    for a, b in zip(merged_steps, steps):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_cross_attention_qualifies_only_generators_it_can_serve():
+    bart = make_tiny_rag("bart", "rag_token").generator
+    layers = grouped_cross_attention_modules(bart)
+    assert sorted(layers.values()) == list(range(bart.config.decoder_layers))
+    bart.config._attn_implementation = "eager"  # the grouped function stands in for SDPA only
+    assert grouped_cross_attention_modules(bart) is None
+    assert grouped_cross_attention_modules(make_tiny_rag("t5", "rag_token").generator) is None
+    assert grouped_cross_attention_modules(make_tiny_rag("gpt2", "rag_token").generator) is None
+
+
+def test_t5_keeps_decoding_group_by_group(monkeypatch):
+    model = make_tiny_rag("t5", "rag_token").eval()
+    ids, _, merged = _decode(model, monkeypatch, merge=True)
+    assert merged == 0
+    reference, _, _ = _decode(model, monkeypatch, merge=False)
+    assert torch.equal(ids, reference)
+
+
+def test_a_cross_attention_layer_that_bypasses_the_grouped_function_is_an_error(monkeypatch):
+    model = make_tiny_rag("bart", "rag_token").eval()
+    real = mr.grouped_cross_attention_modules
+
+    def with_a_layer_never_called(generator):
+        layers = real(generator)
+        return {**layers, -1: 0}  # a "module" the generator never runs: one layer short each step
+
+    monkeypatch.setattr(mr, "grouped_cross_attention_modules", with_a_layer_never_called)
+    monkeypatch.setattr(mr, "DECODE_GROUP_MIN_ROWS", 1)
+    with pytest.raises(RuntimeError, match="cross-attention layers went through the grouped attention function"):
+        model.generate(QUESTIONS, passages=PASSAGES, doc_scores=SCORES, max_new_tokens=3, min_new_tokens=3)
+    # the generator's attention implementation is restored after the error
+    assert model.generator.config._attn_implementation == "sdpa"

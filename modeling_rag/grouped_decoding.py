@@ -10,7 +10,8 @@ by reading the weights (the LM head alone is 50k x 768 floats), not by arithmeti
 This module keeps the groups for the first step only, which computes each group's cross-attention
 keys and values over its own context width, then merges the groups into one batch:
 
-- the self-attention caches of the groups are concatenated (rows in group order);
+- the self-attention caches of the groups are concatenated (rows in group order) into layers that
+  grow in place ([`GrowingLayer`]) rather than by concatenation at every step;
 - the cross-attention cache of the merged batch holds a zero-sized stand-in (`expand` of one zero),
   so the generator does not project the encoder states again; the real keys and values stay per
   group, in a [`CrossAttentionPlan`];
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -135,6 +136,81 @@ def grouped_cross_attention_modules(generator) -> dict[int, int] | None:
     return layers
 
 
+class GrowingLayer(DynamicLayer):
+    """A self-attention cache layer that writes new keys/values into spare room instead of concatenating.
+
+    transformers' `DynamicLayer` concatenates at every step, copying the whole cache (with 160 rows,
+    6 layers and 16 steps, 2 s of a 33 s RAG-Token benchmark on one thread). This layer keeps buffers
+    with room to spare (doubling when full); `keys`/`values` are views of their filled part.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 32):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self._length = 0
+        self._key_buffer = self._value_buffer = None
+        self._reserve(keys, values, keys.shape[-2] + spare)
+        self.update(keys, values)
+
+    def _reserve(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        batch, heads, _, head_dim = keys.shape
+        key_buffer = keys.new_empty(batch, heads, capacity, head_dim)
+        value_buffer = values.new_empty(batch, heads, capacity, values.shape[-1])
+        if self._length:
+            key_buffer[:, :, : self._length] = self.keys
+            value_buffer[:, :, : self._length] = self.values
+        self._key_buffer, self._value_buffer = key_buffer, value_buffer
+
+    def _adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Takes `keys`/`values` (from an operation of the base class) as the new filled part."""
+        self._length = 0
+        self._reserve(keys, values, keys.shape[-2] + max(keys.shape[-2], 1))
+        self._length = keys.shape[-2]
+        self._key_buffer[:, :, : self._length] = keys
+        self._value_buffer[:, :, : self._length] = values
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self._key_buffer[:, :, : self._length]
+        self.values = self._value_buffer[:, :, : self._length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        new = key_states.shape[-2]
+        if not self.is_initialized:  # after `reset`
+            self.lazy_initialization(key_states, value_states)
+        if self._key_buffer is None or self._length + new > self._key_buffer.shape[-2]:
+            self._reserve(key_states, value_states, 2 * (self._length + new))
+        self._key_buffer[:, :, self._length : self._length + new] = key_states
+        self._value_buffer[:, :, self._length : self._length + new] = value_states
+        self._length += new
+        self._views()
+        return self.keys, self.values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self._length:
+            beam_idx = beam_idx.to(self._key_buffer.device)
+            self._key_buffer = self._key_buffer.index_select(0, beam_idx)
+            self._value_buffer = self._value_buffer.index_select(0, beam_idx)
+            self._views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._adopt(self.keys, self.values)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._adopt(self.keys, self.values)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._adopt(self.keys, self.values)
+
+    def reset(self) -> None:
+        super().reset()
+        self._length = 0
+        self._key_buffer = self._value_buffer = None
+
+
 def merge_group_caches(caches, group_rows: list[int]):
     """One `EncoderDecoderCache` for the groups' rows in order, and the groups' cross keys/values.
 
@@ -168,7 +244,9 @@ def merge_group_caches(caches, group_rows: list[int]):
         k = layer[0][0]
         stand_in = k.new_zeros(()).expand(rows, k.shape[1], width, k.shape[3])
         stand_ins.append((stand_in, stand_in))
-    return EncoderDecoderCache(DynamicCache(self_layers), DynamicCache(stand_ins)), keys_values
+    self_cache = DynamicCache()
+    self_cache.layers = [GrowingLayer(k, v) for k, v in self_layers]
+    return EncoderDecoderCache(self_cache, DynamicCache(stand_ins)), keys_values
 
 
 @contextlib.contextmanager

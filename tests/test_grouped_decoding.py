@@ -94,3 +94,35 @@ def test_a_cross_attention_layer_that_bypasses_the_grouped_function_is_an_error(
         model.generate(QUESTIONS, passages=PASSAGES, doc_scores=SCORES, max_new_tokens=3, min_new_tokens=3)
     # the generator's attention implementation is restored after the error
     assert model.generator.config._attn_implementation == "sdpa"
+
+
+def test_growing_layer_holds_what_concatenation_would():
+    from transformers.cache_utils import DynamicLayer
+
+    from modeling_rag.grouped_decoding import GrowingLayer
+
+    torch.manual_seed(0)
+    first = torch.randn(4, 2, 3, 8), torch.randn(4, 2, 3, 8)
+    growing, plain = GrowingLayer(*first, spare=2), DynamicLayer()
+    plain.update(*first)
+    for step in range(7):  # past the spare room, so the buffers grow
+        new = torch.randn(4, 2, 1, 8), torch.randn(4, 2, 1, 8)
+        for got, want in zip(growing.update(*new), plain.update(*new)):
+            assert torch.equal(got, want)
+        if step == 3:
+            for layer in (growing, plain):
+                layer.reorder_cache(torch.tensor([2, 2, 0, 1]))
+    for operation in (
+        lambda layer: layer.crop(-2),
+        lambda layer: layer.batch_select_indices(torch.tensor([0, 3])),
+        lambda layer: layer.batch_repeat_interleave(2),
+    ):
+        operation(growing), operation(plain)
+        new = torch.randn(plain.keys.shape[0], 2, 1, 8), torch.randn(plain.keys.shape[0], 2, 1, 8)
+        for got, want in zip(growing.update(*new), plain.update(*new)):
+            assert torch.equal(got, want)
+    assert growing.get_seq_length() == plain.get_seq_length() == 3 + 7 - 2 + 3
+    growing.reset()
+    assert growing.get_seq_length() == 0
+    keys, _ = growing.update(*first)
+    assert torch.equal(keys, first[0])

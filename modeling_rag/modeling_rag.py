@@ -82,6 +82,27 @@ class RagPreTrainedModel(PreTrainedModel):
         return
 
 
+def _embedding_lookup(stack: nn.Module) -> nn.Module | None:
+    """`stack.embed_tokens` when `stack(inputs_embeds=stack.embed_tokens(ids))` equals `stack(input_ids=ids)`.
+
+    That holds when the forward turns ids into embeddings with exactly ``inputs_embeds =
+    self.embed_tokens(input_ids)`` (BART's encoder and decoder, T5's stacks, the decoders of Marian
+    and Pegasus); not where a scale is applied to looked-up ids only (Marian's and Pegasus' encoders).
+    """
+    cls = type(stack)
+    if cls not in _EMBEDDING_LOOKUP:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _EMBEDDING_LOOKUP[cls] = "inputs_embeds = self.embed_tokens(input_ids)\n" in source
+    embed = getattr(stack, "embed_tokens", None)
+    return embed if _EMBEDDING_LOOKUP[cls] and isinstance(embed, nn.Module) else None
+
+
+_EMBEDDING_LOOKUP: dict[type, bool] = {}
+
+
 class _RagTokenState:
     """Per-`generate` state of RAG-Token decoding: the generator's cache over (question, beam, document) rows."""
 
@@ -706,18 +727,31 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             chunks = [(torch.arange(ids.shape[0], device=ids.device), ids.shape[1])]
         decoder_input_ids = prepare(labels=labels) if prepare is not None else None
         encoder = self.generator.get_encoder()
+        # with gradients and several chunks, look the embeddings up once: each lookup's backward
+        # writes a dense [vocabulary, d] gradient (154 MB for BART-base), once per chunk otherwise
+        embeds = decoder_embeds = None
+        if prepare is not None and len(chunks) > 1 and torch.is_grad_enabled():
+            lookup = _embedding_lookup(encoder)
+            embeds = lookup(ids) if lookup is not None else None
+            lookup = _embedding_lookup(self.generator.get_decoder())
+            decoder_embeds = lookup(decoder_input_ids) if lookup is not None else None
         logits_parts, order = [], []
         for idx, length in chunks:
             if prepare is None:  # the generator builds its own decoder inputs (and loss) from labels
                 out = self.generator(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx], use_cache=False)
             else:
                 chunk_mask = None if mask is None else mask[idx, :length]
-                states = encoder(input_ids=ids[idx, :length], attention_mask=chunk_mask, return_dict=True)
+                if embeds is None:
+                    states = encoder(input_ids=ids[idx, :length], attention_mask=chunk_mask, return_dict=True)
+                else:
+                    states = encoder(inputs_embeds=embeds[idx, :length], attention_mask=chunk_mask, return_dict=True)
+                decoder_inputs = (
+                    {"decoder_input_ids": decoder_input_ids[idx]}
+                    if decoder_embeds is None
+                    else {"decoder_inputs_embeds": decoder_embeds[idx]}
+                )
                 out = self.generator(
-                    encoder_outputs=states,
-                    attention_mask=chunk_mask,
-                    decoder_input_ids=decoder_input_ids[idx],
-                    use_cache=False,
+                    encoder_outputs=states, attention_mask=chunk_mask, use_cache=False, **decoder_inputs
                 )
             logits_parts.append(out.logits)
             order.append(idx)

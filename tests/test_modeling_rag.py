@@ -504,3 +504,40 @@ def test_decoder_only_training_rows_are_left_padded_and_each_question_scores_as_
         single.pop("passages")
         alone.append(model(**single).loss)
     assert torch.allclose(together, torch.stack(alone).mean(), atol=1e-5)
+
+
+def test_embedding_lookup_shortcut_only_where_it_equals_the_stack_own_lookup():
+    """Training looks the chunks' embeddings up once (one dense embedding gradient, not one per chunk)
+    only for stacks whose forward does exactly `self.embed_tokens(input_ids)`."""
+    from transformers import MarianConfig, MarianMTModel
+
+    from modeling_rag.modeling_rag import _embedding_lookup
+
+    for kind in ("bart", "t5"):
+        generator = make_tiny_rag(kind, "rag_token").generator
+        for stack in (generator.get_encoder(), generator.get_decoder()):
+            lookup = _embedding_lookup(stack)
+            assert lookup is stack.embed_tokens
+            ids = torch.tensor([[5, 6, 7, 8]])
+            mask = torch.ones_like(ids)
+            if stack is generator.get_encoder():
+                a = stack(input_ids=ids, attention_mask=mask).last_hidden_state
+                b = stack(inputs_embeds=lookup(ids), attention_mask=mask).last_hidden_state
+                torch.testing.assert_close(a, b)
+    marian = MarianMTModel(
+        MarianConfig(
+            vocab_size=64,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            scale_embedding=True,
+            pad_token_id=0,
+            decoder_start_token_id=0,
+        )
+    )
+    assert _embedding_lookup(marian.get_encoder()) is None  # scales looked-up ids only
+    assert _embedding_lookup(marian.get_decoder()) is marian.get_decoder().embed_tokens

@@ -239,14 +239,19 @@ def merge_group_caches(caches, group_rows: list[int]):
         return None
     rows = sum(group_rows)
     width = max(k.shape[2] for layer in keys_values for k, _ in layer)
-    stand_ins = []
+    cross_cache = DynamicCache()
+    cross_cache.layers = []
     for layer in keys_values:
         k = layer[0][0]
         stand_in = k.new_zeros(()).expand(rows, k.shape[1], width, k.shape[3])
-        stand_ins.append((stand_in, stand_in))
+        # set, not `update`d: a DynamicLayer's update concatenates, which would materialise the stand-in
+        cross_layer = DynamicLayer()
+        cross_layer.lazy_initialization(stand_in, stand_in)
+        cross_layer.keys = cross_layer.values = stand_in
+        cross_cache.layers.append(cross_layer)
     self_cache = DynamicCache()
     self_cache.layers = [GrowingLayer(k, v) for k, v in self_layers]
-    return EncoderDecoderCache(self_cache, DynamicCache(stand_ins)), keys_values
+    return EncoderDecoderCache(self_cache, cross_cache), keys_values
 
 
 @contextlib.contextmanager

@@ -103,6 +103,21 @@ def _embedding_lookup(stack: nn.Module) -> nn.Module | None:
 _EMBEDDING_LOOKUP: dict[type, bool] = {}
 
 
+def _token_marginal(logits: torch.Tensor, doc_logprobs: torch.Tensor) -> torch.Tensor:
+    """RAG-Token's next-token distribution: `log sum_d p(d | x) softmax(logits_d)`, `[rows, V]`.
+
+    `logits` `[rows * n, V]`, `doc_logprobs` `[rows, n]`. One `[rows * n, V]` tensor is allocated (the
+    log-softmax); the rest runs in place on it (`torch.logsumexp` would allocate three more, each 32 MB
+    per step with 160 rows and BART's vocabulary).
+    """
+    rows, n = doc_logprobs.shape
+    logprobs = torch.log_softmax(logits.float(), dim=-1).view(rows, n, -1)
+    logprobs.add_(doc_logprobs.unsqueeze(-1))
+    peak = logprobs.amax(dim=1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # all -inf: exp gives 0, log -inf
+    return logprobs.sub_(peak).exp_().sum(dim=1).log_().add_(peak.squeeze(1))
+
+
 class _RagTokenState:
     """Per-`generate` state of RAG-Token decoding: the generator's cache over (question, beam, document) rows."""
 
@@ -1400,9 +1415,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         if state.is_encoder_decoder:
             logits = self._rag_token_step_seq2seq(input_ids, state)
             state.prev_ids = input_ids
-            logprobs = torch.log_softmax(logits.float(), dim=-1).view(rows, n, -1)
-            marginal = torch.logsumexp(logprobs + state.doc_logprobs.unsqueeze(-1), dim=1)
-            return RagOutput(logits=marginal.unsqueeze(1))
+            return RagOutput(logits=_token_marginal(logits, state.doc_logprobs).unsqueeze(1))
         if state.cache is None:
             expand = rows // state.doc_logprobs.shape[0]
             state.expand = expand
@@ -1439,9 +1452,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             )
             state.cache = out.cache if hasattr(out, "cache") else out.past_key_values
         state.prev_ids = input_ids
-        logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(rows, n, -1)
-        marginal = torch.logsumexp(logprobs + state.doc_logprobs.unsqueeze(-1), dim=1)
-        return RagOutput(logits=marginal.unsqueeze(1))
+        return RagOutput(logits=_token_marginal(out.logits[:, -1], state.doc_logprobs).unsqueeze(1))
 
     # ---------------------------------------------------------------------------------------------
     # the friendly path: questions in, answers with sources out

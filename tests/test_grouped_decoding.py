@@ -126,3 +126,26 @@ def test_growing_layer_holds_what_concatenation_would():
     assert growing.get_seq_length() == 0
     keys, _ = growing.update(*first)
     assert torch.equal(keys, first[0])
+
+
+def test_merged_cache_concatenates_self_attention_and_holds_no_cross_attention_copy():
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    from modeling_rag.grouped_decoding import merge_group_caches
+
+    torch.manual_seed(0)
+    groups = []
+    for rows, width in ((2, 4), (3, 6)):
+        self_kv = [(torch.randn(rows, 2, 1, 8), torch.randn(rows, 2, 1, 8)) for _ in range(2)]
+        cross_kv = [(torch.randn(rows, 2, width, 8), torch.randn(rows, 2, width, 8)) for _ in range(2)]
+        groups.append((self_kv, cross_kv, EncoderDecoderCache(DynamicCache(self_kv), DynamicCache(cross_kv))))
+    cache, keys_values = merge_group_caches([g[2] for g in groups], [2, 3])
+    for layer in range(2):
+        want = torch.cat([g[0][layer][0] for g in groups])
+        assert torch.equal(cache.self_attention_cache.layers[layer].keys, want)
+        stand_in = cache.cross_attention_cache.layers[layer].keys
+        assert stand_in.shape == (5, 2, 6, 8)
+        assert stand_in.untyped_storage().nbytes() <= 8  # a view of one zero, not a [5, 2, 6, 8] tensor
+        assert cache.is_updated[layer]  # the generator reuses it instead of projecting encoder states
+        for g, (k, v) in zip(groups, keys_values[layer]):
+            assert torch.equal(k, g[1][layer][0]) and torch.equal(v, g[1][layer][1])

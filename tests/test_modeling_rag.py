@@ -541,3 +541,19 @@ def test_embedding_lookup_shortcut_only_where_it_equals_the_stack_own_lookup():
     )
     assert _embedding_lookup(marian.get_encoder()) is None  # scales looked-up ids only
     assert _embedding_lookup(marian.get_decoder()) is marian.get_decoder().embed_tokens
+
+
+def test_token_marginal_equals_logsumexp_of_document_weighted_log_softmax():
+    from modeling_rag.modeling_rag import _token_marginal
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 11) * 5
+    doc_logprobs = torch.log_softmax(torch.randn(2, 3), -1)
+    doc_logprobs[1, 2] = float("-inf")  # a document with no weight
+    want = torch.logsumexp(torch.log_softmax(logits, -1).view(2, 3, -1) + doc_logprobs.unsqueeze(-1), dim=1)
+    torch.testing.assert_close(_token_marginal(logits.clone(), doc_logprobs), want)
+    logits[3:, 4] = float("-inf")  # a token no document of the second row allows (e.g. a banned word)
+    want = torch.logsumexp(torch.log_softmax(logits, -1).view(2, 3, -1) + doc_logprobs.unsqueeze(-1), dim=1)
+    got = _token_marginal(logits.clone(), doc_logprobs)
+    assert got[1, 4] == float("-inf")
+    torch.testing.assert_close(got, want)

@@ -259,6 +259,8 @@ def grouped_cross_attention(generator, plan: CrossAttentionPlan) -> Iterator[Non
     """Inside: `generator`'s cross-attention runs per group as `plan` says; everything else as before."""
     config = generator.config
     previous = config._attn_implementation
+    if previous == GROUPED_ATTENTION:  # nested, or another thread's decoding is inside: it plans for itself
+        previous = "sdpa"  # the only implementation `grouped_cross_attention_modules` accepts
     config._attn_implementation = GROUPED_ATTENTION
     _ACTIVE.plan = plan
     try:

@@ -18,17 +18,17 @@ checkpointing (their recomputation must see the same forward) and autocast regio
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from .introspection import forward_source
+
 __all__ = ["recompute_feed_forward_activations"]
 
 _PATTERN = "self.activation_fn(self.fc1(hidden_states))"
 _FC2_CALL = "self.fc2(hidden_states)"
-_CLASS_MATCHES: dict[type, bool] = {}
 
 
 class _ActivationLinear(torch.autograd.Function):
@@ -69,14 +69,8 @@ def _feed_forward_layers(model: nn.Module) -> list[nn.Module]:
             continue
         if module.training and float(getattr(module, "activation_dropout", 0.0) or 0.0) > 0.0:
             continue
-        cls = type(module)
-        if cls not in _CLASS_MATCHES:
-            try:
-                source = inspect.getsource(cls.forward)
-            except (OSError, TypeError):
-                source = ""
-            _CLASS_MATCHES[cls] = _PATTERN in source and source.count(_FC2_CALL) == 1
-        if _CLASS_MATCHES[cls]:
+        source = forward_source(type(module))
+        if _PATTERN in source and source.count(_FC2_CALL) == 1:
             layers.append(module)
     return layers
 

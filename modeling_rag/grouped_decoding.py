@@ -34,7 +34,6 @@ the grouped function (a transformers version that bypassed it would otherwise re
 from __future__ import annotations
 
 import contextlib
-import inspect
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,6 +43,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
+
+from .introspection import forward_source
 
 __all__ = [
     "GROUPED_ATTENTION",
@@ -57,7 +58,6 @@ GROUPED_ATTENTION = "rag_grouped_sdpa"
 # what a cross-attention forward must read for the stand-in cache to be safe: the cached keys and values
 # once `is_updated` is set, and the attention function from transformers' interface
 _SOURCE_MARKERS = ("is_updated", "cross_attention_cache", "ALL_ATTENTION_FUNCTIONS")
-_CLASS_MATCHES: dict[type, bool] = {}
 _ACTIVE = threading.local()
 
 
@@ -103,13 +103,8 @@ AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
 
 
 def _reads_cached_cross_attention(cls: type) -> bool:
-    if cls not in _CLASS_MATCHES:
-        try:
-            source = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            source = ""
-        _CLASS_MATCHES[cls] = all(marker in source for marker in _SOURCE_MARKERS)
-    return _CLASS_MATCHES[cls]
+    source = forward_source(cls)
+    return all(marker in source for marker in _SOURCE_MARKERS)
 
 
 def grouped_cross_attention_modules(generator) -> dict[int, int] | None:

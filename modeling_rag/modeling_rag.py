@@ -37,6 +37,7 @@ from .grouped_decoding import (
     grouped_cross_attention_modules,
     merge_group_caches,
 )
+from .introspection import forward_source
 from .losses import label_log_probs
 from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource
 from .tokenization_rag import RagTokenizer
@@ -89,18 +90,9 @@ def _embedding_lookup(stack: nn.Module) -> nn.Module | None:
     self.embed_tokens(input_ids)`` (BART's encoder and decoder, T5's stacks, the decoders of Marian
     and Pegasus); not where a scale is applied to looked-up ids only (Marian's and Pegasus' encoders).
     """
-    cls = type(stack)
-    if cls not in _EMBEDDING_LOOKUP:
-        try:
-            source = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            source = ""
-        _EMBEDDING_LOOKUP[cls] = "inputs_embeds = self.embed_tokens(input_ids)\n" in source
     embed = getattr(stack, "embed_tokens", None)
-    return embed if _EMBEDDING_LOOKUP[cls] and isinstance(embed, nn.Module) else None
-
-
-_EMBEDDING_LOOKUP: dict[type, bool] = {}
+    exact = "inputs_embeds = self.embed_tokens(input_ids)\n" in forward_source(type(stack))
+    return embed if exact and isinstance(embed, nn.Module) else None
 
 
 def _token_marginal(logits: torch.Tensor, doc_logprobs: torch.Tensor) -> torch.Tensor:

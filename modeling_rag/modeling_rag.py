@@ -1420,14 +1420,8 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             state.positions = positions[:, -1:]
             state.cache = out.cache if hasattr(out, "cache") else out.past_key_values
         else:
-            # beams may have been reordered: find each row's previous row by its token prefix
-            prefix = input_ids[:, :-1]
-            if not torch.equal(prefix, state.prev_ids):
-                group = torch.arange(rows, device=input_ids.device) // state.expand
-                same_group = group.unsqueeze(1) == group.unsqueeze(0)
-                matches = (prefix.unsqueeze(1) == state.prev_ids.unsqueeze(0)).all(-1) & same_group
-                source = matches.float().argmax(dim=1)
-                row_idx = (source.unsqueeze(1) * n + torch.arange(n, device=input_ids.device)).reshape(-1)
+            row_idx = self._reordered_rows(input_ids, state)  # beams may have been reordered
+            if row_idx is not None:
                 state.cache.reorder_cache(row_idx)
                 state.mask = state.mask.index_select(0, row_idx)
                 if state.positions is not None:

@@ -49,6 +49,7 @@ from .introspection import forward_source
 __all__ = [
     "GROUPED_ATTENTION",
     "CrossAttentionPlan",
+    "GrowingLayer",
     "grouped_cross_attention",
     "grouped_cross_attention_modules",
     "merge_group_caches",

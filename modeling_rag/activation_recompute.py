@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .introspection import forward_source
+from .introspection import forward_source, uses_activation_checkpointing
 
 __all__ = ["recompute_feed_forward_activations"]
 
@@ -94,7 +94,7 @@ def recompute_feed_forward_activations(model: nn.Module, enabled: bool = True) -
     Yields the number of layers changed; they are restored on exit (the backward pass may run after
     it). Nothing is changed when `enabled` is false or the model uses gradient checkpointing.
     """
-    if not enabled or _uses_checkpointing(model):
+    if not enabled or uses_activation_checkpointing(model):
         yield 0
         return
     layers = _feed_forward_layers(model)
@@ -109,14 +109,6 @@ def recompute_feed_forward_activations(model: nn.Module, enabled: bool = True) -
         for layer, activation in zip(layers, saved):
             layer.activation_fn = activation
             del layer.fc2.forward
-
-
-def _uses_checkpointing(model: nn.Module) -> bool:
-    # transformers 5 renamed is_gradient_checkpointing (deprecated, warns) to is_activation_checkpointing
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name) or name in vars(model):
-            return bool(getattr(model, name))
-    return False
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,13 @@ keys and values over its own context width, then merges the groups into one batc
 The linear layers and the LM head then run once per step over all rows. The arithmetic is the same
 as group by group; outputs are equal to float rounding.
 
+Teacher forcing (the training loss, rescoring) has the same problem with the same cure, in one call:
+the encoder runs per length chunk, then [`pack_encoder_states`] lays the chunks' encoder states back
+to back (no padding between chunks) in one tensor that the generator takes as its encoder states. Its
+cross-attention projects them in one matrix product, and the grouped function cuts each chunk's keys
+and values out of that projection ([`CrossAttentionPlan.group_keys_values`]). Under autograd every step
+is an ordinary differentiable op, so gradients are those of the chunk-by-chunk computation.
+
 It applies to generators whose cross-attention reads a transformers `EncoderDecoderCache` and calls
 the attention interface (the BART family: BART, mBART, Marian, Pegasus, Blenderbot, ...), with the
 ``"sdpa"`` implementation. [`grouped_cross_attention_modules`] checks that; other generators keep
@@ -53,6 +60,7 @@ __all__ = [
     "grouped_cross_attention",
     "grouped_cross_attention_modules",
     "merge_group_caches",
+    "pack_encoder_states",
 ]
 
 GROUPED_ATTENTION = "rag_grouped_sdpa"
@@ -64,24 +72,75 @@ _ACTIVE = threading.local()
 
 @dataclass
 class CrossAttentionPlan:
-    """Where each group's rows and cross-attention keys/values are, for one merged decoding.
+    """Where each group's rows and cross-attention keys/values are, for one merged decoder call.
+
+    Two ways to give the keys and values:
+
+    - decoding (`keys_values`): each group's keys/values were computed by the group's own first step
+      and are passed here; the generator's cross-attention cache holds zero-sized stand-ins.
+    - teacher forcing (`key_masks`, see [`pack_encoder_states`]): the encoder states of all groups are
+      packed back to back, without padding between groups, into the `[rows, width, d]` tensor that the
+      generator receives, so its cross-attention projects every group's real tokens in one matrix
+      product; the grouped function cuts each group's keys/values out of that projection.
 
     Attributes:
         slices: per group, `(first row, end row, context width)` in the merged row order.
-        keys_values: per decoder layer, per group, the cross-attention `(keys, values)`, each
-            `[group rows, heads, group width, head_dim]`.
+        keys_values: decoding: per decoder layer, per group, the cross-attention `(keys, values)`, each
+            `[group rows, heads, group width, head_dim]`. None in packed mode.
         layers: `id(module) -> layer index` of the generator's cross-attention modules.
+        key_masks: packed mode: per group, the key padding mask `[group rows, group width]` (True or 1 =
+            attend), or None where no row is padded. The attention mask given to the generator is not
+            used for cross-attention then (pass none).
         served: cross-attention calls answered by the grouped function since the last `take_served`.
     """
 
     slices: list[tuple[int, int, int]]
-    keys_values: list[list[tuple[torch.Tensor, torch.Tensor]]]
+    keys_values: list[list[tuple[torch.Tensor, torch.Tensor]]] | None
     layers: dict[int, int]
+    key_masks: list[torch.Tensor | None] | None = None
     served: int = field(default=0)
+
+    def __post_init__(self):
+        if (self.keys_values is None) == (self.key_masks is None):
+            raise ValueError(
+                "CrossAttentionPlan: give exactly one of `keys_values` (decoding) and `key_masks` (packed)"
+            )
 
     def take_served(self) -> int:
         served, self.served = self.served, 0
         return served
+
+    def group_keys_values(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        """Per group: `(keys, values, key mask or None)` for the cross-attention of `layer`."""
+        if self.keys_values is not None:
+            return [(k, v, None) for k, v in self.keys_values[layer]]
+        # packed: `key` is [rows, heads, packed width, head_dim]; back to one row per token, then cut
+        heads, head_dim = key.shape[1], key.shape[-1]
+        flat_keys = key.transpose(1, 2).reshape(-1, heads, head_dim)
+        flat_values = value.transpose(1, 2).reshape(-1, heads, value.shape[-1])
+        groups, offset = [], 0
+        for (start, end, width), mask in zip(self.slices, self.key_masks):
+            tokens = (end - start) * width
+            k = flat_keys[offset : offset + tokens].view(end - start, width, heads, head_dim).transpose(1, 2)
+            v = flat_values[offset : offset + tokens].view(end - start, width, heads, -1).transpose(1, 2)
+            groups.append((k, v, None if mask is None else mask.bool()[:, None, None, :]))
+            offset += tokens
+        return groups
+
+
+def pack_encoder_states(states: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """Groups' encoder states (`[group rows, group width, d]` each, rows in merged order) back to back.
+
+    Returns `[rows, ceil(tokens / rows), d]`: the tokens of all groups in order, zero-filled at the end,
+    shaped with the merged batch's row count so that the generator takes it as encoder states.
+    """
+    d = states[0].shape[-1]
+    flat = torch.cat([s.reshape(-1, d) for s in states])
+    width = -(-flat.shape[0] // rows)
+    spare = rows * width - flat.shape[0]
+    if spare:
+        flat = torch.cat([flat, flat.new_zeros(spare, d)])
+    return flat.view(rows, width, d)
 
 
 def _grouped_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -90,13 +149,14 @@ def _grouped_sdpa(module, query, key, value, attention_mask, **kwargs):
     layer = None if plan is None else plan.layers.get(id(module))
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    batch, heads, q_len, head_dim = query.shape
-    out = query.new_empty(batch, q_len, heads, head_dim)
-    for (start, end, width), (k, v) in zip(plan.slices, plan.keys_values[layer]):
-        mask = None if attention_mask is None else attention_mask[start:end, ..., :width]
-        out[start:end], _ = sdpa_attention_forward(module, query[start:end], k, v, mask, **kwargs)
+    outputs = []
+    for (start, end, width), (k, v, key_mask) in zip(plan.slices, plan.group_keys_values(layer, key, value)):
+        if key_mask is None and attention_mask is not None:
+            key_mask = attention_mask[start:end, ..., :width]
+        out, _ = sdpa_attention_forward(module, query[start:end], k, v, key_mask, **kwargs)
+        outputs.append(out)
     plan.served += 1
-    return out, None
+    return torch.cat(outputs), None
 
 
 AttentionInterface.register(GROUPED_ATTENTION, _grouped_sdpa)

@@ -36,8 +36,9 @@ from .grouped_decoding import (
     grouped_cross_attention,
     grouped_cross_attention_modules,
     merge_group_caches,
+    pack_encoder_states,
 )
-from .introspection import forward_source
+from .introspection import forward_source, uses_activation_checkpointing
 from .losses import label_log_probs
 from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource
 from .tokenization_rag import RagTokenizer
@@ -61,10 +62,22 @@ DECODE_GROUP_MIN_ROWS = 32
 # After the first step (which computes each group's cross-attention keys and values over its own
 # width), decode the groups as one batch, each group still attending only to its own context
 # (`grouped_decoding`): the decoder's and LM head's weights are then read once per step, not per group.
+# The same switch runs a teacher-forced decoder (training, rescoring) once over all length chunks.
 MERGE_DECODE_GROUPS = True
 # RAG-Sequence greedy decoding keeps each step's logits to score the hypotheses under their own
 # documents; above this many logits per generate call it rescores instead
 OWN_SCORES_MAX_LOGITS = 2**27
+
+
+def _check_served(plan: CrossAttentionPlan, what: str) -> None:
+    """After a grouped generator call: every cross-attention layer must have gone through the grouped function."""
+    served, expected = plan.take_served(), len(plan.layers)
+    if served != expected:
+        raise RuntimeError(
+            f"grouped {what}: {served} of the generator's {expected} cross-attention layers went through the "
+            "grouped attention function, so the others attended to the wrong keys. This transformers version "
+            "runs its decoder differently; set modeling_rag.modeling_rag.MERGE_DECODE_GROUPS = False and report it."
+        )
 
 
 class RagPreTrainedModel(PreTrainedModel):
@@ -725,7 +738,9 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
 
         Rows are run in length-sorted chunks (`_length_chunks`), each trimmed to its own longest context,
         so neither the encoder nor the decoder's cross-attention spends compute (or activation memory, in
-        training) on padding; the results are put back in row order.
+        training) on padding; the results are put back in row order. Where the generator allows it
+        (`_packed_decoder_layers`), only the encoder runs per chunk: the decoder and the LM head then
+        run once over all rows, each chunk's rows attending to their own encoder states.
         """
         prepare = getattr(self.generator, "prepare_decoder_input_ids_from_labels", None)
         chunk_tokens = TRAIN_CHUNK_TOKENS if torch.is_grad_enabled() else ENCODER_CHUNK_TOKENS
@@ -742,36 +757,85 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             embeds = lookup(ids) if lookup is not None else None
             lookup = _embedding_lookup(self.generator.get_decoder())
             decoder_embeds = lookup(decoder_input_ids) if lookup is not None else None
-        logits_parts, order = [], []
+        packed_layers = self._packed_decoder_layers() if prepare is not None and len(chunks) > 1 else None
+        logits_parts, order, encoder_states = [], [], []
         for idx, length in chunks:
+            order.append(idx)
             if prepare is None:  # the generator builds its own decoder inputs (and loss) from labels
                 out = self.generator(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx], use_cache=False)
+                logits_parts.append(out.logits)
+                del out
+                continue
+            chunk_mask = None if mask is None else mask[idx, :length]
+            if embeds is None:
+                states = encoder(input_ids=ids[idx, :length], attention_mask=chunk_mask, return_dict=True)
             else:
-                chunk_mask = None if mask is None else mask[idx, :length]
-                if embeds is None:
-                    states = encoder(input_ids=ids[idx, :length], attention_mask=chunk_mask, return_dict=True)
-                else:
-                    states = encoder(inputs_embeds=embeds[idx, :length], attention_mask=chunk_mask, return_dict=True)
-                decoder_inputs = (
-                    {"decoder_input_ids": decoder_input_ids[idx]}
-                    if decoder_embeds is None
-                    else {"decoder_inputs_embeds": decoder_embeds[idx]}
-                )
-                out = self.generator(
-                    encoder_outputs=states, attention_mask=chunk_mask, use_cache=False, **decoder_inputs
-                )
+                states = encoder(inputs_embeds=embeds[idx, :length], attention_mask=chunk_mask, return_dict=True)
+            if packed_layers is not None:
+                encoder_states.append(states.last_hidden_state)
+                continue
+            decoder_inputs = (
+                {"decoder_input_ids": decoder_input_ids[idx]}
+                if decoder_embeds is None
+                else {"decoder_inputs_embeds": decoder_embeds[idx]}
+            )
+            out = self.generator(encoder_outputs=states, attention_mask=chunk_mask, use_cache=False, **decoder_inputs)
             logits_parts.append(out.logits)
-            order.append(idx)
             del out
+        if packed_layers is not None:
+            rows = torch.cat(order)
+            decoder_inputs = (
+                {"decoder_input_ids": decoder_input_ids[rows]}
+                if decoder_embeds is None
+                else {"decoder_inputs_embeds": decoder_embeds[rows]}
+            )
+            logits_parts = [self._packed_decoder_logits(chunks, mask, encoder_states, decoder_inputs, packed_layers)]
+            del encoder_states
         if len(chunks) == 1:
             logits = logits_parts[0]
         else:
             # one row-ordered logits tensor, returned and also the only [R, T, V] tensor the loss saves
             inverse = torch.argsort(torch.cat(order))
-            logits = torch.cat(logits_parts)
+            logits = torch.cat(logits_parts) if len(logits_parts) > 1 else logits_parts[0]
             del logits_parts
             logits = logits[inverse]
         return logits, label_log_probs(logits, labels)
+
+    def _packed_decoder_layers(self) -> dict[int, int] | None:
+        """The generator's cross-attention modules when its teacher-forced decoder can run once over all
+        length chunks (`grouped_decoding`, packed encoder states), else None.
+
+        Not with activation checkpointing: its recomputation in the backward pass would run the
+        cross-attention outside the grouped attention function.
+        """
+        if not MERGE_DECODE_GROUPS or uses_activation_checkpointing(self.generator):
+            return None
+        return grouped_cross_attention_modules(self.generator)
+
+    def _packed_decoder_logits(self, chunks, mask, encoder_states, decoder_inputs, layers) -> torch.Tensor:
+        """The decoder and LM head once over the rows of all `chunks` (in chunk order): logits `[R, T, V]`.
+
+        `encoder_states` holds each chunk's encoder output `[chunk rows, chunk width, d]`; they are packed
+        back to back (no padding between chunks) so that each cross-attention layer projects them in one
+        matrix product, and the grouped attention function attends each chunk's rows to their own part.
+        """
+        slices, key_masks, start = [], [], 0
+        for idx, length in chunks:
+            slices.append((start, start + len(idx), length))
+            start += len(idx)
+            chunk_mask = None if mask is None else mask[idx, :length]
+            key_masks.append(None if chunk_mask is None or bool(chunk_mask.all()) else chunk_mask)
+        plan = CrossAttentionPlan(slices=slices, keys_values=None, layers=layers, key_masks=key_masks)
+        packed = pack_encoder_states(encoder_states, start)
+        with grouped_cross_attention(self.generator, plan):
+            out = self.generator(
+                encoder_outputs=BaseModelOutput(last_hidden_state=packed),
+                attention_mask=None,
+                use_cache=False,
+                **decoder_inputs,
+            )
+        _check_served(plan, "teacher-forced decoding")
+        return out.logits
 
     def _encode_context(self, ids, mask) -> BaseModelOutput:
         """The generator's encoder over context rows `[R, L]` (encoder-decoder generators).
@@ -1389,14 +1453,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                 cache=merged.cache,
                 use_cache=True,
             )
-        served, expected = merged.plan.take_served(), len(merged.plan.layers)
-        if served != expected:
-            raise RuntimeError(
-                f"grouped RAG-Token decoding: {served} of the generator's {expected} cross-attention layers went "
-                "through the grouped attention function, so the others read stand-in keys. This transformers "
-                "version decodes differently; set modeling_rag.modeling_rag.MERGE_DECODE_GROUPS = False and "
-                "report it."
-            )
+        _check_served(merged.plan, "RAG-Token decoding")
         merged.cache = out.cache if hasattr(out, "cache") else out.past_key_values
         return out.logits[:, -1].index_select(0, merged.position)
 

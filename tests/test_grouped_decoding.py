@@ -149,3 +149,99 @@ def test_merged_cache_concatenates_self_attention_and_holds_no_cross_attention_c
         assert cache.is_updated[layer]  # the generator reuses it instead of projecting encoder states
         for g, (k, v) in zip(groups, keys_values[layer]):
             assert torch.equal(k, g[1][layer][0]) and torch.equal(v, g[1][layer][1])
+
+
+# --- teacher forcing: the decoder once over all length chunks, the encoder states packed ---
+ANSWERS = ["Rollo", "the city", "Normandy in 911"]
+
+
+def _teacher_forced(model, monkeypatch, merge: bool, **forward_kwargs):
+    """Loss, logits and parameter gradients of one forward/backward, and the chunk counts packed."""
+    monkeypatch.setattr(mr, "MERGE_DECODE_GROUPS", merge)
+    monkeypatch.setattr(mr, "TRAIN_CHUNK_TOKENS", 300)  # several length chunks for this small batch
+    monkeypatch.setattr(mr, "ENCODER_CHUNK_TOKENS", 300)
+    packed = []
+    real = type(model)._packed_decoder_logits
+
+    def recording(self, chunks, *args):
+        packed.append(len(chunks))
+        return real(self, chunks, *args)
+
+    monkeypatch.setattr(type(model), "_packed_decoder_logits", recording)
+    model.zero_grad()
+    out = model(**model.prepare_inputs(QUESTIONS, passages=PASSAGES, answers=ANSWERS), **forward_kwargs)
+    if torch.is_grad_enabled():
+        out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    monkeypatch.undo()
+    return out.loss.detach(), out.logits.detach(), grads, packed
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "no_grad"])
+def test_packed_teacher_forcing_equals_chunk_by_chunk(monkeypatch, grad):
+    """Loss, logits and every gradient are those of one decoder pass per chunk."""
+    model = make_tiny_rag("bart", "rag_token").eval()  # eval: no dropout, so both runs compute the same
+    with torch.set_grad_enabled(grad):
+        loss, logits, grads, packed = _teacher_forced(model, monkeypatch, merge=False)
+        assert packed == []
+        packed_loss, packed_logits, packed_grads, packed = _teacher_forced(model, monkeypatch, merge=True)
+    assert len(packed) == 1 and packed[0] > 2  # one decoder pass over several chunks of different widths
+    torch.testing.assert_close(packed_loss, loss)
+    torch.testing.assert_close(packed_logits, logits, rtol=1e-5, atol=1e-5)
+    assert packed_grads.keys() == grads.keys()
+    assert (len(grads) > 0) == grad
+    for name, g in grads.items():
+        torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_teacher_forcing_steps_aside_for_checkpointing_and_t5(monkeypatch):
+    """Activation checkpointing recomputes layers outside the grouped function: that generator, and T5
+    (not served by it), run the decoder per chunk, with the same results."""
+    model = make_tiny_rag("bart", "rag_token").eval()
+    loss, _, grads, _ = _teacher_forced(model, monkeypatch, merge=False)
+    model.generator.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # transformers checkpoints only in training
+    for module in model.modules():  # ...but no dropout, to compare
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("dropout", "activation_dropout", "attention_dropout", "layerdrop"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    checkpointed_loss, _, checkpointed_grads, packed = _teacher_forced(model, monkeypatch, merge=True)
+    assert packed == []
+    torch.testing.assert_close(checkpointed_loss, loss)
+    for name, g in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    t5 = make_tiny_rag("t5", "rag_token").eval()
+    loss, _, _, packed = _teacher_forced(t5, monkeypatch, merge=True)
+    assert packed == [] and torch.isfinite(loss)
+
+
+def test_packed_teacher_forcing_with_a_layer_that_bypasses_the_grouped_function_is_an_error(monkeypatch):
+    model = make_tiny_rag("bart", "rag_token").eval()
+    real = mr.grouped_cross_attention_modules
+    monkeypatch.setattr(mr, "grouped_cross_attention_modules", lambda generator: {**real(generator), -1: 0})
+    monkeypatch.setattr(mr, "TRAIN_CHUNK_TOKENS", 300)
+    with pytest.raises(RuntimeError, match="teacher-forced decoding: .* went through the grouped attention function"):
+        model(**model.prepare_inputs(QUESTIONS, passages=PASSAGES, answers=ANSWERS))
+    assert model.generator.config._attn_implementation == "sdpa"
+
+
+def test_pack_encoder_states_puts_the_groups_tokens_back_to_back():
+    from modeling_rag.grouped_decoding import CrossAttentionPlan, pack_encoder_states
+
+    torch.manual_seed(0)
+    states = [torch.randn(2, 5, 4), torch.randn(3, 2, 4)]  # 10 + 6 tokens for 5 rows: width 4, 4 spare
+    packed = pack_encoder_states(states, rows=5)
+    assert packed.shape == (5, 4, 4)
+    flat = packed.reshape(-1, 4)
+    assert torch.equal(flat[:10], states[0].reshape(-1, 4)) and torch.equal(flat[10:16], states[1].reshape(-1, 4))
+    assert not flat[16:].any()
+    # a projection of the packed states, shaped as an attention module shapes it, cut back per group
+    key = packed.view(5, 4, 2, 2).transpose(1, 2)  # [rows, heads, width, head_dim]
+    plan = CrossAttentionPlan(slices=[(0, 2, 5), (2, 5, 2)], keys_values=None, layers={}, key_masks=[None, None])
+    for (k, v, mask), s in zip(plan.group_keys_values(0, key, -key), states):
+        want = s.view(s.shape[0], s.shape[1], 2, 2).transpose(1, 2)
+        assert torch.equal(k, want) and torch.equal(v, -want) and mask is None
+    with pytest.raises(ValueError, match="exactly one of"):
+        CrossAttentionPlan(slices=[], keys_values=None, layers={})

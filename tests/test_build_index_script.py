@@ -108,23 +108,24 @@ def test_killed_build_resumes_from_its_finished_shards(tmp_path, corpus_file, en
     assert n_shards >= 4
 
     out = tmp_path / "index"
-    pid = os.fork()
-    if pid == 0:  # child: SIGKILL at the 3rd shard write (shards 0 and 1 are finished)
-        try:
-            real, count = encoders.atomic_write_bytes, [0]
-
-            def write(*a, **k):
-                count[0] += 1
-                if count[0] == 3:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return real(*a, **k)
-
-            encoders.atomic_write_bytes = write
-            _main()([*_args(corpus_file, encoder_dir, out), *args])
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status)
+    # a fresh process (not a fork of this one, whose thread pools a forked child can deadlock on) that
+    # SIGKILLs itself at its 3rd shard write: shards 0 and 1 are finished
+    child = (
+        "import os, signal, sys\n"
+        "import modeling_rag.encoders as encoders\n"
+        "real, count = encoders.atomic_write_bytes, [0]\n"
+        "def write(*a, **k):\n"
+        "    count[0] += 1\n"
+        "    if count[0] == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(*a, **k)\n"
+        "encoders.atomic_write_bytes = write\n"
+        "import runpy\n"
+        f"sys.argv = [{SCRIPT!r}, *{[*_args(corpus_file, encoder_dir, out), *args]!r}]\n"
+        f"runpy.run_path({SCRIPT!r}, run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", child], env=_env(), capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     work = f"{out}.build"
     assert sorted(n for n in os.listdir(work) if n.endswith(".npy")) == ["shard_00000.npy", "shard_00001.npy"]
     assert not out.exists()

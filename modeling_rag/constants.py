@@ -16,7 +16,15 @@ FAISS_INDEX_NAME = "index.faiss"
 PASSAGES_NAME = "passages.jsonl"
 EMBEDDINGS_NAME = "embeddings.npy"
 BM25_DIR = "bm25"
+PASSAGE_TOKENS_DIR = "passage_tokens"  # generator token ids of the passages (see passage_tokens.py)
 INDEX_FORMAT_VERSION = 1
+
+# A passage-token folder (see passage_tokens.py)
+PASSAGE_TOKENS_CONFIG_NAME = "passage_tokens.json"
+PASSAGE_TOKENS_ROW_IDS_NAME = "row_ids.npy"
+PASSAGE_TOKENS_OFFSETS_NAME = "offsets.npy"
+PASSAGE_TOKENS_IDS_NAME = "ids.npy"
+PASSAGE_TOKENS_FORMAT_VERSION = 1
 
 # Evaluation outputs (see scripts/evaluate_rag.py)
 RESULTS_NAME = "results.json"

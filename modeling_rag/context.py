@@ -156,17 +156,25 @@ class ContextPacker:
             cache.move_to_end(key)
         return ids
 
-    def prefetch(self, texts: Sequence[str]) -> None:
+    def prefetch(self, texts: Sequence[str], known_ids: Sequence[list[int] | None] | None = None) -> None:
         """Tokenises, in one batched tokenizer call, the passage texts that are not cached yet.
 
+        `known_ids` (aligned with `texts`) may give a text's token ids already, as this tokenizer makes
+        them (the passage tokens stored with an index): those are cached without a tokenizer call.
         Packing then finds every passage in the cache; the token ids are the same as one call per text.
         """
         missing: dict[str, str] = {}
-        for text in texts:
+        for i, text in enumerate(texts):
             if not text:
                 continue
             key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
             if key in self._text_cache or key in missing:
+                continue
+            known = None if known_ids is None else known_ids[i]
+            if known is not None:
+                self._text_cache[key] = known
+                if len(self._text_cache) > self.cache_size:
+                    self._text_cache.popitem(last=False)
                 continue
             missing[key] = text
         if not missing:

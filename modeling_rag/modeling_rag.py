@@ -41,6 +41,7 @@ from .grouped_decoding import (
 from .introspection import forward_source, uses_activation_checkpointing
 from .losses import label_log_probs
 from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource
+from .passage_tokens import tokenizer_fingerprint
 from .tokenization_rag import RagTokenizer
 
 logger = logging.getLogger(__name__)
@@ -299,9 +300,30 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         kwargs.setdefault("metric", self.config.similarity)
         kwargs.setdefault("retrieval", self.config.retrieval)
         kwargs.setdefault("encoder_name", self.config.question_encoder._name_or_path or None)
+        store_tokens = kwargs.pop("passage_tokens", True)
         retriever = RagRetriever.from_corpus(corpus, self.passage_encoder, self.tokenizer.question_encoder, **kwargs)
         self.set_retriever(retriever, check_fingerprint=False)
+        if store_tokens:
+            self.store_passage_tokens(show_progress=kwargs.get("show_progress", True))
         return retriever
+
+    def store_passage_tokens(self, show_progress: bool = True) -> int:
+        """Stores the generator token ids of the attached index's passages with it (those not stored yet).
+
+        Inputs are then packed from stored ids: no passage goes through the tokenizer when answering,
+        also right after loading. `build_index` does this; call it after adding passages to the index,
+        or for an index built without this model's generator tokenizer (e.g. by scripts/build_index.py).
+        Returns how many passages were tokenised; 0 (with a log line) for a tokenizer that is not fast.
+        """
+        if self.retriever is None:
+            raise RagInputError("This model has no index attached: build or attach one first.")
+        if self.tokenizer is None:
+            raise RagInputError("This model has no tokenizer: call model.set_tokenizer(RagTokenizer(...)) first.")
+        tokenizer = self.tokenizer.generator
+        if tokenizer_fingerprint(tokenizer) is None:
+            logger.info("Passage tokens are not stored: the generator tokenizer is not a fast tokenizer.")
+            return 0
+        return self.retriever.store_passage_tokens(tokenizer, show_progress=show_progress)
 
     def packer(self) -> ContextPacker:
         """The context packer for the current tokenizer and settings (built once, passages cached)."""
@@ -491,7 +513,10 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         batch["retrieved_doc_ids"] = ids.to(self.device)
         batch["passages"] = passage_lists
         packer = self.packer()
-        packer.prefetch([p.get("text") or "" for plist in passage_lists for p in plist])
+        flat = [p for plist in passage_lists for p in plist]
+        # retrieved just now: their row ids name index passages, whose stored ids are these texts' ids
+        known = self._stored_passage_ids(flat, packer.tokenizer) if passages is None else None
+        packer.prefetch([p.get("text") or "" for p in flat], known)
         if mode == "concat":
             packed = [packer.pack(q, p) for q, p in zip(questions, passage_lists)]
             rows = [x.input_ids for x in packed]
@@ -503,6 +528,16 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             row_answers = None if answers is None else [a for a in answers for _ in range(n)]
         batch.update(self._tensorize(rows, row_answers, answers, for_generation))
         return batch
+
+    def _stored_passage_ids(self, passages: list[dict], tokenizer) -> list[list[int] | None] | None:
+        """The token ids of retrieved `passages` stored with the index for `tokenizer`, or None if there are none."""
+        store = getattr(self.retriever, "passage_tokens", None)
+        if store is None or not passages or not store.matches(tokenizer):
+            return None
+        row_ids = [p.get("row_id") for p in passages]
+        if any(not isinstance(r, (int, np.integer)) or r < 0 for r in row_ids):
+            return None
+        return store.lookup(row_ids)
 
     def _check_passages(self, passages, batch_size: int, mode: str) -> list[list[dict]]:
         if not isinstance(passages, (list, tuple)) or len(passages) != batch_size:

@@ -10,7 +10,8 @@ document scores.
 
 A saved retriever is an index folder (see `index_faiss.py`) whose ``index_config.json`` also
 holds a ``"retriever"`` entry (retrieval settings) and an ``"encoding"`` entry (pooling,
-normalisation), plus a ``bm25/`` subfolder when a BM25 index is kept.
+normalisation), plus a ``bm25/`` subfolder when a BM25 index is kept and a ``passage_tokens/``
+subfolder when the passages' generator token ids are stored (`passage_tokens.py`).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .constants import BM25_DIR
+from .constants import BM25_DIR, PASSAGE_TOKENS_DIR
 from .corpus import chunk_documents, chunking_config, passage_text, read_corpus
 from .encoders import POOLING_METHODS, encode_texts, encode_texts_resumable, weights_fingerprint
 from .errors import IndexIntegrityError, IndexMismatchError, RagConfigError, RagInputError
 from .index_bm25 import BM25Index
 from .index_faiss import PassageIndex
+from .passage_tokens import PassageTokens
 
 RETRIEVAL_MODES = ("dense", "bm25", "hybrid")
 FUSION_METHODS = ("rrf", "weighted")
@@ -85,11 +87,14 @@ class RagRetriever:
         fusion: str = "rrf",
         rrf_k: int = 60,
         hybrid_alpha: float = 0.5,
+        passage_tokens: PassageTokens | None = None,
     ) -> None:
         if not isinstance(index, PassageIndex):
             raise RagInputError(f"index must be a PassageIndex, got {type(index).__name__}.")
         if bm25 is not None and not isinstance(bm25, BM25Index):
             raise RagInputError(f"bm25 must be a BM25Index or None, got {type(bm25).__name__}.")
+        if passage_tokens is not None and not isinstance(passage_tokens, PassageTokens):
+            raise RagInputError(f"passage_tokens must be a PassageTokens or None, got {type(passage_tokens).__name__}.")
         _check_settings(retrieval, fusion, rrf_k, hybrid_alpha)
         if retrieval != "dense" and bm25 is None:
             raise RagConfigError(
@@ -101,6 +106,7 @@ class RagRetriever:
         self.fusion = fusion
         self.rrf_k = int(rrf_k)
         self.hybrid_alpha = float(hybrid_alpha)
+        self.passage_tokens = passage_tokens
 
     # ------------------------------------------------------------------ properties
     @property
@@ -131,6 +137,18 @@ class RagRetriever:
 
     def __repr__(self) -> str:
         return f"RagRetriever(retrieval={self.retrieval!r}, index={self._index!r}, bm25={self._bm25!r})"
+
+    def store_passage_tokens(self, tokenizer: Any, *, show_progress: bool = True) -> int:
+        """Stores the `tokenizer` token ids of the passages not stored yet (all of them for a new tokenizer).
+
+        Returns how many passages were tokenised. Saved with the index, they spare the tokenizer call
+        for each passage when a model packs its inputs (see `passage_tokens.py`).
+        """
+        passages = self._index.get_passages(self._index.row_ids)
+        if self.passage_tokens is None or not self.passage_tokens.matches(tokenizer):
+            self.passage_tokens = PassageTokens.build(passages, tokenizer, show_progress=show_progress)
+            return len(passages)
+        return self.passage_tokens.update(passages, tokenizer, show_progress=show_progress)
 
     def rebuild_bm25(self) -> BM25Index:
         """Rebuilds the BM25 index from the current passages (after `index.add` / `index.remove`)."""
@@ -224,13 +242,18 @@ class RagRetriever:
 
     # ------------------------------------------------------------------ persistence
     def save(self, folder: str | os.PathLike) -> None:
-        """Saves the index, the BM25 index (``bm25/``) and the retrieval settings to `folder`, atomically."""
+        """Saves the index, the BM25 index (``bm25/``), the passage tokens (``passage_tokens/``) and the
+        retrieval settings to `folder`, atomically."""
         self._index.set_extra_config("retriever", self.settings)
-        bm25 = self._bm25
+        bm25, tokens = self._bm25, self.passage_tokens
+        if tokens is not None:
+            tokens.keep(self._index.row_ids)  # rows removed from the index since
 
         def extra(tmp: Path) -> None:
             if bm25 is not None:
                 bm25.save(tmp / BM25_DIR)
+            if tokens is not None:
+                tokens.save(tmp / PASSAGE_TOKENS_DIR)
 
         self._index.save(folder, extra_files=extra)
 
@@ -247,7 +270,7 @@ class RagRetriever:
         """Opens a folder written by `save` (or a plain `PassageIndex` folder, as dense retrieval).
 
         See `PassageIndex.load` for the checks; a missing or broken ``bm25/`` that the settings
-        require raises `IndexIntegrityError`.
+        require, or a broken ``passage_tokens/``, raises `IndexIntegrityError`.
         """
         index = PassageIndex.load(
             folder,
@@ -271,6 +294,14 @@ class RagRetriever:
                 raise IndexIntegrityError(
                     f"The BM25 index in {bm25_folder} does not cover the same passages as the dense index; rebuild it."
                 )
+        tokens = None
+        if (Path(folder) / PASSAGE_TOKENS_DIR).is_dir():
+            tokens = PassageTokens.load(Path(folder) / PASSAGE_TOKENS_DIR, mmap=mmap)
+            if not np.isin(tokens.row_ids, index.row_ids).all():
+                raise IndexIntegrityError(
+                    f"The passage tokens in {Path(folder) / PASSAGE_TOKENS_DIR} hold rows the index does not; delete "
+                    "that folder (passages are then tokenised as needed) or store new ones."
+                )
         try:
             return cls(
                 index,
@@ -279,6 +310,7 @@ class RagRetriever:
                 fusion=settings.get("fusion", "rrf"),
                 rrf_k=settings.get("rrf_k", 60),
                 hybrid_alpha=settings.get("hybrid_alpha", 0.5),
+                passage_tokens=tokens,
             )
         except RagConfigError as exc:
             raise IndexIntegrityError(f"The retriever settings saved in {folder} are invalid: {exc}") from exc

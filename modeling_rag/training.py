@@ -536,7 +536,7 @@ def reencode_retriever(model, *, batch_size: int = 64, accelerator=None):
     if encoding:
         new_index.set_extra_config("encoding", encoding)
     bm25 = BM25Index.build(new_index.get_passages(new_index.row_ids)) if old.bm25 is not None else None
-    return RagRetriever(
+    retriever = RagRetriever(
         new_index,
         bm25,
         retrieval=old.retrieval,
@@ -544,6 +544,9 @@ def reencode_retriever(model, *, batch_size: int = 64, accelerator=None):
         rrf_k=old.rrf_k,
         hybrid_alpha=old.hybrid_alpha,
     )
+    if old.passage_tokens is not None and model.tokenizer is not None:  # row ids are new: store them again
+        retriever.store_passage_tokens(model.tokenizer.generator, show_progress=False)
+    return retriever
 
 
 def freeze_passage_side(model) -> None:

@@ -23,7 +23,8 @@ from accelerate import Accelerator
 from transformers import AutoModel, AutoTokenizer
 
 from modeling_rag.encoders import clear_shard_dir
-from modeling_rag.errors import RagError
+from modeling_rag.errors import RagError, RagInputError
+from modeling_rag.passage_tokens import tokenizer_fingerprint
 from modeling_rag.retrieval_rag import RagRetriever
 
 
@@ -49,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--shard-size", type=int, default=4096, help="passages per saved shard of vectors")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is available")
+    parser.add_argument(
+        "--generator-tokenizer",
+        default=None,
+        help="local folder (or cached id) of the generator's tokenizer: store the passages' token ids with the "
+        "index, so a model answering from it never tokenises a passage (see modeling_rag/passage_tokens.py)",
+    )
     return parser.parse_args(argv)
 
 
@@ -57,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(cpu=args.cpu)
     work_dir = args.work_dir or os.path.normpath(args.output) + ".build"
     try:
+        generator_tokenizer = None
+        if args.generator_tokenizer:  # loaded and checked before the long build
+            generator_tokenizer = AutoTokenizer.from_pretrained(args.generator_tokenizer)
+            if tokenizer_fingerprint(generator_tokenizer) is None:
+                raise RagInputError(
+                    f"--generator-tokenizer {args.generator_tokenizer} is not a fast tokenizer, so its passage tokens "
+                    "cannot be stored; leave the option out."
+                )
         tokenizer = AutoTokenizer.from_pretrained(args.encoder)
         encoder = AutoModel.from_pretrained(args.encoder).eval()
         retriever = RagRetriever.from_corpus(
@@ -82,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if accelerator.is_main_process:
+        if generator_tokenizer is not None:
+            retriever.store_passage_tokens(generator_tokenizer)
         retriever.save(args.output)
         clear_shard_dir(work_dir)
         index = retriever.index

@@ -65,6 +65,22 @@ def test_single_process_build(tmp_path, corpus_file, encoder_dir, capsys):
     assert retriever.index.encoder_name == str(encoder_dir)
 
 
+def test_build_stores_passage_tokens_of_the_generator_tokenizer(tmp_path, corpus_file, encoder_dir, tiny_tokenizer):
+    out = tmp_path / "index"
+    assert _main()([*_args(corpus_file, encoder_dir, out), "--generator-tokenizer", str(encoder_dir)]) == 0
+    retriever = RagRetriever.load(out)
+    tokens = retriever.passage_tokens
+    assert tokens is not None and tokens.matches(tiny_tokenizer)
+    assert tokens.row_ids.tolist() == retriever.index.row_ids.tolist()
+    passage = retriever.index.get_passages(retriever.index.row_ids[:1])[0]
+    assert tokens.lookup([passage["row_id"]]) == [
+        tiny_tokenizer(passage["text"], add_special_tokens=False)["input_ids"]
+    ]
+    without = tmp_path / "plain"
+    assert _main()(_args(corpus_file, encoder_dir, without)) == 0
+    assert RagRetriever.load(without).passage_tokens is None
+
+
 def test_script_reports_bad_corpus(tmp_path, encoder_dir, capsys):
     assert _main()(_args(tmp_path / "missing.jsonl", encoder_dir, tmp_path / "ix")) == 1
     assert "does not exist" in capsys.readouterr().err

@@ -9,16 +9,20 @@ two sides interleaved repeat by repeat:
 
 1. retrieval for a batch of questions: ours (tokenise, encode, search, fetch passages, pack into
    generator inputs) against transformers' question encoder + `RagRetriever` call, and against the
-   raw cost (question encoder forward + `faiss` search);
+   raw cost (question encoder forward + `faiss` search). Ours runs three ways: with an empty
+   passage cache, packing from the passage tokens stored with the index (as `build_index` leaves
+   it, and as a model loaded from disk starts); with an empty cache and no stored tokens, so every
+   passage goes through the tokenizer (``ours_tokenising``); with a warm cache (``ours_warm``);
 2. generation, greedy, `n_docs` documents, exactly `new_tokens` new tokens: ours in RAG-Token,
    RAG-Sequence (thorough decoding, the algorithm transformers implements) and concat mode,
    against `RagTokenForGeneration.generate` / `RagSequenceForGeneration.generate`;
 3. one training step (forward + backward of the RAG-Token loss);
 4. the extra peak memory of each of these.
 
-It also measures the machine's matrix-multiply throughput (the best of a few large GEMMs), counts
-the model FLOPs of each piece of work (at the real, unpadded input lengths, the same count for
-both sides) and prints the fraction of that peak each side reaches.
+It also measures the machine's matrix-multiply throughput (the best of a few large GEMMs, at the
+start and again just before each phase, since a shared machine's speed drifts over a long run),
+counts the model FLOPs of each piece of work (at the real, unpadded input lengths, the same count
+for both sides) and prints the fraction of the phase's peak each side reaches.
 
 Memory: with ``--memory subprocess`` (the default of a full run) each (side, phase) runs once in a
 fresh Python process that builds only that side; after setup it calls ``malloc_trim``, resets the
@@ -364,6 +368,9 @@ def build_ours(a: Assets, dpr, bart):
     model.eval()
     index = PassageIndex.build(a.embeddings, a.passages, metric="ip", kind="flat")
     model.set_retriever(RagRetriever(index), check_fingerprint=False)
+    start = time.perf_counter()
+    model.store_passage_tokens(show_progress=False)  # what build_index does
+    model.passage_tokens_build_s = time.perf_counter() - start
     return model
 
 
@@ -467,6 +474,19 @@ class Bench:
         return self.ours.prepare_inputs(self.a.retrieval_questions, generation_mode="rag_token", for_generation=True)
 
     @torch.no_grad()
+    def retrieval_ours_tokenising(self):
+        """Ours without the passage tokens stored with the index: every passage is tokenised in the call."""
+        self.clear_our_cache()
+        retriever = self.ours.retriever
+        stored, retriever.passage_tokens = retriever.passage_tokens, None
+        try:
+            return self.ours.prepare_inputs(
+                self.a.retrieval_questions, generation_mode="rag_token", for_generation=True
+            )
+        finally:
+            retriever.passage_tokens = stored
+
+    @torch.no_grad()
     def retrieval_ours_warm(self):
         return self.ours.prepare_inputs(self.a.retrieval_questions, generation_mode="rag_token", for_generation=True)
 
@@ -561,6 +581,7 @@ class Bench:
                 return lambda: self.retrieval_raw(ids, mask)
             return {
                 "ours": self.retrieval_ours,
+                "ours_tokenising": self.retrieval_ours_tokenising,
                 "ours_warm": self.retrieval_ours_warm,
                 "theirs": self.retrieval_theirs,
             }[side]
@@ -778,11 +799,19 @@ def run_dtype(a: Assets, args, dtype: torch.dtype, log) -> dict:
 
     phases = [p for p in PHASES if p in args.phases]
     for phase in phases:
-        sides = {"retrieval": ["ours", "ours_warm", "theirs", "raw"], "concat": ["ours"]}.get(phase, ["ours", "theirs"])
+        sides = {"retrieval": ["ours", "ours_tokenising", "ours_warm", "theirs", "raw"], "concat": ["ours"]}.get(
+            phase, ["ours", "theirs"]
+        )
         fns = {side: bench.callables(phase, side) for side in sides}
-        log(f"timing {phase}: {', '.join(sides)} ({s.warmup} warm-up + {s.repeats} repeats, interleaved)")
+        # the machine's speed drifts over a long run (a shared host): each phase is set against the
+        # peak measured just before it, the run's first measurement stays in "matmul_peak_gflops"
+        phase_peak = matmul_peak(device, dtype, clock=time.process_time if use_cpu_clock else time.perf_counter)
+        log(
+            f"timing {phase}: {', '.join(sides)} ({s.warmup} warm-up + {s.repeats} repeats, interleaved); "
+            f"matmul peak now {phase_peak / 1e9:.1f} GFLOP/s"
+        )
         timed = time_interleaved(fns, s.repeats, s.warmup, device, use_cpu_clock)
-        row: dict = {}
+        row: dict = {"matmul_peak_gflops": phase_peak / 1e9}
         if phase == "retrieval":
             flops = work_flops(phase, s, a.g_config, q_lengths, [])
         elif phase == "train":
@@ -798,7 +827,7 @@ def run_dtype(a: Assets, args, dtype: torch.dtype, log) -> dict:
         row["model_gflops"] = flops / 1e9
         for side, t in timed.items():
             row[side] = {k: v for k, v in t.items() if k != "output"}
-            row[side]["fraction_of_peak"] = flops / t["median_s"] / peak
+            row[side]["fraction_of_peak"] = flops / t["median_s"] / phase_peak
         if phase == "rag_sequence":
             row.update(row_distinct)
         if phase in ("rag_token", "rag_sequence"):
@@ -812,6 +841,7 @@ def run_dtype(a: Assets, args, dtype: torch.dtype, log) -> dict:
         if "theirs" in timed:
             row["speedup"] = timed["theirs"]["median_s"] / timed["ours"]["median_s"]
         if phase == "retrieval":
+            row["passage_tokens_build_s"] = bench.ours.passage_tokens_build_s
             row["ours_over_raw"] = timed["ours"]["median_s"] / timed["raw"]["median_s"]
             row["theirs_over_raw"] = timed["theirs"]["median_s"] / timed["raw"]["median_s"]
         result["phases"][phase] = row
@@ -829,7 +859,7 @@ def run_dtype(a: Assets, args, dtype: torch.dtype, log) -> dict:
 
 def _phase_line(phase, row) -> str:
     parts = [f"{phase}:"]
-    for side in ("ours", "ours_warm", "theirs", "raw"):
+    for side in ("ours", "ours_tokenising", "ours_warm", "theirs", "raw"):
         if side in row:
             parts.append(f"{side} {row[side]['median_s'] * 1000:.1f} ms")
     if "speedup" in row:
@@ -920,7 +950,9 @@ def format_table(results: dict) -> str:
                 lines.append(
                     f"| {r['dtype']} | retrieval, raw encoder + faiss search | {row['raw']['median_s']:.3f} s | | "
                     f"ours/raw {row['ours_over_raw']:.2f}x, transformers/raw {row['theirs_over_raw']:.2f}x, "
-                    f"ours with a warm passage cache {row['ours_warm']['median_s']:.3f} s | | | | |"
+                    f"ours with a warm passage cache {row['ours_warm']['median_s']:.3f} s, ours without stored "
+                    f"passage tokens {row['ours_tokenising']['median_s']:.3f} s (storing them for the whole index: "
+                    f"{row['passage_tokens_build_s']:.1f} s, once) | | | | |"
                 )
     return "\n".join(lines)
 

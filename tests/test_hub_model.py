@@ -51,6 +51,9 @@ def test_push_then_load_in_a_fresh_cache_answers_the_same(indexed_model, hub_tok
     assert repo in str(url)
     loaded = RagForGeneration.from_pretrained(repo, cache_dir=fresh_hf_cache).eval()
     assert loaded.retriever is not None and loaded.retriever.n_passages == len(TINY_PASSAGES)
+    tokens = loaded.retriever.passage_tokens  # the passage token ids travel with the index
+    assert tokens is not None and tokens.matches(loaded.tokenizer.generator)
+    assert tokens.row_ids.tolist() == loaded.retriever.index.row_ids.tolist()
     assert _answers(loaded) == _answers(indexed_model)
     card_path = next(p for p in __import__("pathlib").Path(fresh_hf_cache).rglob("README.md"))
     card = ModelCard.load(card_path)

@@ -59,17 +59,30 @@ def tokenizer_fingerprint(tokenizer: Any) -> str | None:
     cached = getattr(tokenizer, "_rag_fingerprint", None)
     if cached is not None and cached[0] == size:
         return cached[1]
-    definition = json.loads(backend.to_str())
-    definition.pop("padding", None)
-    definition.pop("truncation", None)
     digest = hashlib.sha256(type(tokenizer).__name__.encode("utf-8"))
-    digest.update(json.dumps(definition, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    digest.update(_definition(backend).encode("utf-8"))
     fingerprint = digest.hexdigest()
-    try:  # once per tokenizer object: the definition of a 50k vocabulary takes tens of ms to read
+    try:  # once per tokenizer object (26 ms for SmolLM2's 49k vocabulary)
         tokenizer._rag_fingerprint = (size, fingerprint)
     except AttributeError:
         pass
     return fingerprint
+
+
+def _definition(backend: Any) -> str:
+    """The backend's JSON definition as it reads with padding and truncation off (their state is restored)."""
+    padding, truncation = backend.padding, backend.truncation
+    if padding is None and truncation is None:
+        return backend.to_str()
+    try:
+        backend.no_padding()
+        backend.no_truncation()
+        return backend.to_str()
+    finally:
+        if padding is not None:
+            backend.enable_padding(**padding)
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
 
 
 class PassageTokens:

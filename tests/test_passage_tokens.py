@@ -42,7 +42,10 @@ def test_fingerprint_tells_tokenizers_apart():
     assert tokenizer_fingerprint(object()) is None
     padded = build_tiny_tokenizer()
     padded(["a b c", "a"], padding=True, truncation=True, max_length=2)  # leaves the backend padding/truncating
+    state = padded.backend_tokenizer.padding, padded.backend_tokenizer.truncation
+    assert state[0] is not None and state[1] is not None
     assert tokenizer_fingerprint(padded) == tokenizer_fingerprint(tok)
+    assert (padded.backend_tokenizer.padding, padded.backend_tokenizer.truncation) == state  # left as it was
     cached = build_tiny_tokenizer()
     tokenizer_fingerprint(cached)
     cached.add_tokens(["Normandy"])  # after the fingerprint was computed once

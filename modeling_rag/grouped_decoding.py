@@ -59,6 +59,7 @@ __all__ = [
     "GrowingLayer",
     "grouped_cross_attention",
     "grouped_cross_attention_modules",
+    "group_slices",
     "merge_group_caches",
     "pack_encoder_states",
 ]
@@ -88,8 +89,8 @@ class CrossAttentionPlan:
         keys_values: decoding: per decoder layer, per group, the cross-attention `(keys, values)`, each
             `[group rows, heads, group width, head_dim]`. None in packed mode.
         layers: `id(module) -> layer index` of the generator's cross-attention modules.
-        key_masks: packed mode: per group, the key padding mask `[group rows, group width]` (True or 1 =
-            attend), or None where no row is padded. The attention mask given to the generator is not
+        key_masks: packed mode: per group, the boolean key padding mask `[group rows, 1, 1, group width]`
+            (True = attend), or None where no row is padded. The attention mask given to the generator is not
             used for cross-attention then (pass none).
         served: cross-attention calls answered by the grouped function since the last `take_served`.
     """
@@ -123,9 +124,18 @@ class CrossAttentionPlan:
             tokens = (end - start) * width
             k = flat_keys[offset : offset + tokens].view(end - start, width, heads, head_dim).transpose(1, 2)
             v = flat_values[offset : offset + tokens].view(end - start, width, heads, -1).transpose(1, 2)
-            groups.append((k, v, None if mask is None else mask.bool()[:, None, None, :]))
+            groups.append((k, v, mask))
             offset += tokens
         return groups
+
+
+def group_slices(shapes) -> list[tuple[int, int, int]]:
+    """`(first row, end row, width)` of groups of `(rows, width)` each, laid one after another."""
+    slices, start = [], 0
+    for rows, width in shapes:
+        slices.append((start, start + int(rows), int(width)))
+        start += int(rows)
+    return slices
 
 
 def pack_encoder_states(states: list[torch.Tensor], rows: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ from .encoders import encoder_forward, weights_fingerprint
 from .errors import IndexMismatchError, RagConfigError, RagInputError
 from .grouped_decoding import (
     CrossAttentionPlan,
+    group_slices,
     grouped_cross_attention,
     grouped_cross_attention_modules,
     merge_group_caches,
@@ -792,8 +793,14 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             embeds = lookup(ids) if lookup is not None else None
             lookup = _embedding_lookup(self.generator.get_decoder())
             decoder_embeds = lookup(decoder_input_ids) if lookup is not None else None
+
+        def decoder_inputs(rows):
+            if decoder_embeds is None:
+                return {"decoder_input_ids": decoder_input_ids[rows]}
+            return {"decoder_inputs_embeds": decoder_embeds[rows]}
+
         packed_layers = self._packed_decoder_layers() if prepare is not None and len(chunks) > 1 else None
-        logits_parts, order, encoder_states = [], [], []
+        logits_parts, order, encoder_states, chunk_masks = [], [], [], []
         for idx, length in chunks:
             order.append(idx)
             if prepare is None:  # the generator builds its own decoder inputs (and loss) from labels
@@ -808,23 +815,16 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                 states = encoder(inputs_embeds=embeds[idx, :length], attention_mask=chunk_mask, return_dict=True)
             if packed_layers is not None:
                 encoder_states.append(states.last_hidden_state)
+                chunk_masks.append(chunk_mask)
                 continue
-            decoder_inputs = (
-                {"decoder_input_ids": decoder_input_ids[idx]}
-                if decoder_embeds is None
-                else {"decoder_inputs_embeds": decoder_embeds[idx]}
+            out = self.generator(
+                encoder_outputs=states, attention_mask=chunk_mask, use_cache=False, **decoder_inputs(idx)
             )
-            out = self.generator(encoder_outputs=states, attention_mask=chunk_mask, use_cache=False, **decoder_inputs)
             logits_parts.append(out.logits)
             del out
         if packed_layers is not None:
-            rows = torch.cat(order)
-            decoder_inputs = (
-                {"decoder_input_ids": decoder_input_ids[rows]}
-                if decoder_embeds is None
-                else {"decoder_inputs_embeds": decoder_embeds[rows]}
-            )
-            logits_parts = [self._packed_decoder_logits(chunks, mask, encoder_states, decoder_inputs, packed_layers)]
+            inputs = decoder_inputs(torch.cat(order))
+            logits_parts = [self._packed_decoder_logits(encoder_states, chunk_masks, inputs, packed_layers)]
             del encoder_states
         if len(chunks) == 1:
             logits = logits_parts[0]
@@ -847,21 +847,21 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             return None
         return grouped_cross_attention_modules(self.generator)
 
-    def _packed_decoder_logits(self, chunks, mask, encoder_states, decoder_inputs, layers) -> torch.Tensor:
-        """The decoder and LM head once over the rows of all `chunks` (in chunk order): logits `[R, T, V]`.
+    def _packed_decoder_logits(self, encoder_states, chunk_masks, decoder_inputs, layers) -> torch.Tensor:
+        """The decoder and LM head once over the rows of all chunks (in chunk order): logits `[R, T, V]`.
 
-        `encoder_states` holds each chunk's encoder output `[chunk rows, chunk width, d]`; they are packed
-        back to back (no padding between chunks) so that each cross-attention layer projects them in one
-        matrix product, and the grouped attention function attends each chunk's rows to their own part.
+        `encoder_states` holds each chunk's encoder output `[chunk rows, chunk width, d]` and `chunk_masks`
+        its context mask (or None); the states are packed back to back (no padding between chunks) so that
+        each cross-attention layer projects them in one matrix product, and the grouped attention function
+        attends each chunk's rows to their own part.
         """
-        slices, key_masks, start = [], [], 0
-        for idx, length in chunks:
-            slices.append((start, start + len(idx), length))
-            start += len(idx)
-            chunk_mask = None if mask is None else mask[idx, :length]
-            key_masks.append(None if chunk_mask is None or bool(chunk_mask.all()) else chunk_mask)
+        slices = group_slices([s.shape[:2] for s in encoder_states])
+        key_masks = [
+            None if m is None or bool(m.all()) else m.bool()[:, None, None, :]  # [rows, 1, 1, width], as SDPA takes
+            for m in chunk_masks
+        ]
         plan = CrossAttentionPlan(slices=slices, keys_values=None, layers=layers, key_masks=key_masks)
-        packed = pack_encoder_states(encoder_states, start)
+        packed = pack_encoder_states(encoder_states, slices[-1][1])
         with grouped_cross_attention(self.generator, plan):
             out = self.generator(
                 encoder_outputs=BaseModelOutput(last_hidden_state=packed),
@@ -1458,10 +1458,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         if merged is None:
             return None
         cache, keys_values = merged
-        slices, start = [], 0
-        for idx, _, mask, _ in groups:
-            slices.append((start, start + len(idx), mask.shape[1]))
-            start += len(idx)
+        slices = group_slices([g[2].shape for g in groups])  # each group's mask is [group rows, group width]
         width = max(width for _, _, width in slices)
         order = torch.cat([g[0] for g in groups])
         mask = torch.zeros(len(order), width, dtype=groups[0][2].dtype, device=order.device)

@@ -163,9 +163,9 @@ def _teacher_forced(model, monkeypatch, merge: bool, **forward_kwargs):
     packed = []
     real = type(model)._packed_decoder_logits
 
-    def recording(self, chunks, *args):
-        packed.append(len(chunks))
-        return real(self, chunks, *args)
+    def recording(self, encoder_states, *args):  # one encoder output per length chunk
+        packed.append(len(encoder_states))
+        return real(self, encoder_states, *args)
 
     monkeypatch.setattr(type(model), "_packed_decoder_logits", recording)
     model.zero_grad()

@@ -145,13 +145,21 @@ class ContextPacker:
             )
         return rendered
 
+    def _remember(self, cache: OrderedDict, key: str, ids: list[int]) -> None:
+        """Adds `ids` under `key`, dropping the least recently used entry beyond `cache_size`."""
+        cache[key] = ids
+        if len(cache) > self.cache_size:
+            cache.popitem(last=False)
+
+    @staticmethod
+    def _text_key(text: str) -> str:
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
     def _cached(self, cache: OrderedDict, key: str, text: str) -> list[int]:
         ids = cache.get(key)
         if ids is None:
             ids = self._encode(text)
-            cache[key] = ids
-            if len(cache) > self.cache_size:
-                cache.popitem(last=False)
+            self._remember(cache, key, ids)
         else:
             cache.move_to_end(key)
         return ids
@@ -167,28 +175,23 @@ class ContextPacker:
         for i, text in enumerate(texts):
             if not text:
                 continue
-            key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+            key = self._text_key(text)
             if key in self._text_cache or key in missing:
                 continue
             known = None if known_ids is None else known_ids[i]
             if known is not None:
-                self._text_cache[key] = known
-                if len(self._text_cache) > self.cache_size:
-                    self._text_cache.popitem(last=False)
+                self._remember(self._text_cache, key, known)
                 continue
             missing[key] = text
         if not missing:
             return
         encoded = self.tokenizer(list(missing.values()), add_special_tokens=False)["input_ids"]
         for key, ids in zip(missing, encoded):
-            self._text_cache[key] = list(ids)
-            if len(self._text_cache) > self.cache_size:
-                self._text_cache.popitem(last=False)
+            self._remember(self._text_cache, key, list(ids))
 
     def passage_text_ids(self, text: str) -> list[int]:
         """Token ids of a passage's text, tokenised once and cached."""
-        key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
-        ids = self._cached(self._text_cache, key, text)
+        ids = self._cached(self._text_cache, self._text_key(text), text)
         if self.max_passage_tokens is not None:
             ids = ids[: self.max_passage_tokens]
         return ids

@@ -137,7 +137,8 @@ class PassageTokens:
                 "These passage tokens were made with a different tokenizer; build new ones with "
                 "PassageTokens.build(passages, tokenizer)."
             )
-        new = [p for p in passages if not self.has(p["row_id"])]
+        stored = np.isin(np.asarray([p["row_id"] for p in passages], dtype=np.int64), self.row_ids)
+        new = [p for p, known in zip(passages, stored.tolist()) if not known]
         if not new:
             return 0
         more = PassageTokens.build(new, tokenizer, show_progress=show_progress)
@@ -167,10 +168,6 @@ class PassageTokens:
     @property
     def count(self) -> int:
         return len(self.row_ids)
-
-    def has(self, row_id: int) -> bool:
-        pos = int(np.searchsorted(self.row_ids, row_id))
-        return pos < len(self.row_ids) and int(self.row_ids[pos]) == row_id
 
     def matches(self, tokenizer: Any) -> bool:
         """Whether the ids are those `tokenizer` would produce (same fingerprint)."""

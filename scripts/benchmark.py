@@ -476,13 +476,10 @@ class Bench:
     @torch.no_grad()
     def retrieval_ours_tokenising(self):
         """Ours without the passage tokens stored with the index: every passage is tokenised in the call."""
-        self.clear_our_cache()
         retriever = self.ours.retriever
         stored, retriever.passage_tokens = retriever.passage_tokens, None
         try:
-            return self.ours.prepare_inputs(
-                self.a.retrieval_questions, generation_mode="rag_token", for_generation=True
-            )
+            return self.retrieval_ours()
         finally:
             retriever.passage_tokens = stored
 

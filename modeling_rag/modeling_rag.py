@@ -290,7 +290,9 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         """Reads, chunks and encodes `corpus` with this model's passage encoder and attaches the index.
 
         `corpus` is a folder of .txt/.md files, a .jsonl / .csv file or a `datasets.Dataset`; keyword
-        arguments go to [`RagRetriever.from_corpus`] (kind, max_tokens, overlap, bm25, ...).
+        arguments go to [`RagRetriever.from_corpus`] (kind, max_tokens, overlap, bm25, ...), except
+        `passage_tokens` (default True): store the passages' generator token ids with the index
+        ([`store_passage_tokens`]).
         """
         from .retrieval_rag import RagRetriever
 

@@ -178,3 +178,12 @@ def test_stored_tokens_of_another_tokenizer_are_not_used(tmp_path, monkeypatch):
     calls = _count_passage_tokenising(monkeypatch, model.packer())
     model.prepare_inputs(QUESTIONS, n_docs=3)
     assert {p["text"] for p in TINY_PASSAGES} & set(calls)  # tokenised with the model's own tokenizer
+
+
+def test_build_index_can_leave_passage_tokens_out(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in TINY_PASSAGES))
+    model = make_tiny_rag("bart", "rag_token")
+    assert model.build_index(str(corpus), show_progress=False, bm25=False, passage_tokens=False).passage_tokens is None
+    assert model.store_passage_tokens(show_progress=False) == len(TINY_PASSAGES)
+    assert model.retriever.passage_tokens.count == len(TINY_PASSAGES)

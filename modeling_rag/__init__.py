@@ -24,8 +24,10 @@ from .errors import (  # noqa: E402
     RagError,
     RagInputError,
 )
+from .inputs import RagBatch  # noqa: E402
 from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource  # noqa: E402
 from .modeling_rag import RagForGeneration, RagPreTrainedModel  # noqa: E402
+from .speedups import RagSpeedOptions  # noqa: E402
 from .tokenization_rag import RagTokenizer  # noqa: E402
 
 _LAZY = {
@@ -52,6 +54,8 @@ __all__ = [
     "RagForGeneration",
     "RagPreTrainedModel",
     "RagTokenizer",
+    "RagSpeedOptions",
+    "RagBatch",
     "RagOutput",
     "RagGenerateOutput",
     "RagAnswer",

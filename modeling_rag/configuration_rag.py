@@ -9,6 +9,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .constants import INDEX_DIR, MODEL_TYPE
 from .errors import RagConfigError
+from .speedups.options import RagSpeedOptions
 
 POOLING_METHODS = ("cls", "mean", "pooler")
 SIMILARITIES = ("ip", "l2")
@@ -162,6 +163,10 @@ class RagConfig(PretrainedConfig):
             `"mean"` over questions or `"sum"`.
         label_smoothing (`float`, defaults to 0.0):
             Label smoothing of the token cross-entropy (`"concat"` mode).
+        speed_options ([`RagSpeedOptions`] or `dict`, *optional*):
+            How the generator is driven fast (chunk sizes, decoding groups, merged decoding, activation
+            recompute); saved with the model as a dict, and replaceable per call with `speed_options=` on
+            `forward` / `generate` / `answer`. Defaults to `RagSpeedOptions()`. Results do not depend on it.
     """
 
     model_type = MODEL_TYPE
@@ -197,6 +202,7 @@ class RagConfig(PretrainedConfig):
     index_repo_type: str = "dataset"
     loss_reduction: str = "mean"
     label_smoothing: float = 0.0
+    speed_options: RagSpeedOptions | dict | None = None
     is_encoder_decoder: bool = False
     tie_word_embeddings: bool = False
 
@@ -205,6 +211,10 @@ class RagConfig(PretrainedConfig):
         self.question_encoder = _sub_config(self.question_encoder, "question_encoder", "bert")
         self.generator = _sub_config(self.generator, "generator", "gpt2")
         self.context_encoder = _sub_config(self.context_encoder, "context_encoder", None)
+        if self.speed_options is None:
+            self.speed_options = RagSpeedOptions()
+        elif not isinstance(self.speed_options, RagSpeedOptions):
+            self.speed_options = RagSpeedOptions.from_dict(self.speed_options)
         self.validate_rag()
         super().__post_init__(**kwargs)
 
@@ -301,6 +311,12 @@ class RagConfig(PretrainedConfig):
             context_encoder=context_encoder_config.to_dict() if context_encoder_config is not None else None,
             **kwargs,
         )
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if isinstance(out.get("speed_options"), RagSpeedOptions):
+            out["speed_options"] = out["speed_options"].to_dict()
+        return out
 
     @property
     def generator_is_encoder_decoder(self) -> bool:

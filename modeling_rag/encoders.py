@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import RagConfigError, RagInputError
+from .utils.atomic import atomic_write_bytes, atomic_write_text
 
 POOLING_METHODS = ("cls", "mean", "pooler")
 

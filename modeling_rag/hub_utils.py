@@ -437,8 +437,8 @@ def push_saved_model_to_hub(
     The folder is checked first (config, safetensors weights, no interrupted save) and copied, so the
     card is written into the copy and your folder is left as it is. Arguments as [`push_model_to_hub`].
     """
-    from .atomic import JOURNAL_NAME
     from .constants import CONFIG_NAME, SAFE_WEIGHTS_NAME
+    from .utils.atomic import JOURNAL_NAME
 
     src = Path(folder)
     if not src.is_dir():

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .atomic import atomic_write_text
 from .constants import CHECKPOINTS_DIR, FINAL_MODEL_DIR, TRAIN_LOG_NAME, TRAINER_STATE_NAME
 from .errors import DataFormatError, RagConfigError, RagInputError
 from .qa_data import QAExample, check_passage_ids, load_qa_examples
+from .utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -1285,7 +1285,7 @@ def write_final_metrics(accelerator, trainer, output_dir: str, before: dict | No
     import json
     import time
 
-    from .atomic import atomic_write_text
+    from .utils.atomic import atomic_write_text
 
     if not accelerator.is_main_process:
         return None

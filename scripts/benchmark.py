@@ -987,7 +987,7 @@ def run(args) -> dict:
     results["wall_s"] = time.perf_counter() - t0
     log("\n" + results["table"])
     if args.output:
-        from modeling_rag.atomic import atomic_write_text
+        from modeling_rag.utils.atomic import atomic_write_text
 
         atomic_write_text(args.output, json.dumps(results, indent=2, default=str))
         log(f"\nwrote {args.output}")

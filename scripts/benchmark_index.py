@@ -24,8 +24,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from modeling_rag.atomic import atomic_write_text
 from modeling_rag.index_faiss import PassageIndex
+from modeling_rag.utils.atomic import atomic_write_text
 
 SWEEPS = {
     "hnsw": ("ef_search", [16, 32, 64, 128, 256, 512]),

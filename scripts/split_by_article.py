@@ -25,8 +25,8 @@ import os
 import random
 import sys
 
-from modeling_rag.atomic import atomic_write_text
 from modeling_rag.errors import DataFormatError
+from modeling_rag.utils.atomic import atomic_write_text
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -168,7 +168,6 @@ def main(argv=None) -> dict:
             doc_scores=[train_scores[i] for i in indices] if args.generation_mode != "concat" else None,
             generation_mode=args.generation_mode,
         )
-        batch.pop("passages")
         out = trainer.module(**batch)
         accelerator.backward(out.loss)
         return out.loss.detach()

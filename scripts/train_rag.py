@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
             [train[i].answers[0] for i in indices],
             generation_mode=args.generation_mode,
         )
-        plists = batch.pop("passages")
+        plists = batch.passages
         p_in = None
         if args.train_context_encoder:
             texts = passage_texts([p for plist in plists for p in plist])

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from modeling_rag.atomic import atomic_write_text
 from modeling_rag.encoders import encoder_forward
 from modeling_rag.errors import DataFormatError, RagConfigError, RagError
 from modeling_rag.losses import CachedContrastiveLoss, ContrastiveLoss
@@ -64,6 +63,7 @@ from modeling_rag.training import (
     setup_logging,
     untie_passage_side,
 )
+from modeling_rag.utils.atomic import atomic_write_text
 
 logger = logging.getLogger("train_retriever")
 

@@ -5,8 +5,9 @@ import torch
 from conftest import TINY_PASSAGES, build_tiny_tokenizer, make_tiny_rag, tiny_generator_config
 from transformers import AutoModelForSeq2SeqLM
 
-import modeling_rag.modeling_rag as mr
-from modeling_rag.activation_recompute import recompute_feed_forward_activations
+import modeling_rag.generators.base as runner_base
+from modeling_rag import RagSpeedOptions
+from modeling_rag.speedups.activation_recompute import recompute_feed_forward_activations
 from modeling_rag.training import enable_gradient_checkpointing
 
 
@@ -96,26 +97,25 @@ def test_rag_training_step_gradients_unchanged(mode, monkeypatch):
         passages=passages,
         doc_scores=[[2.0, 0.5, -1.0], [1.5, 1.0, 0.0]],
     )
-    batch.pop("passages")
     calls = []
-    real = mr.recompute_feed_forward_activations
+    real = runner_base.recompute_feed_forward_activations
 
     def counting(model_, enabled=True):
         calls.append(enabled)
         return real(model_, enabled)
 
-    def run():
+    def run(speed=None):
         torch.manual_seed(0)
         model.zero_grad()
-        out = model(**batch)
+        out = model(**batch, speed_options=speed)
         out.loss.backward()
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    monkeypatch.setattr(mr, "recompute_feed_forward_activations", counting)
+    monkeypatch.setattr(runner_base, "recompute_feed_forward_activations", counting)
     loss, grads = run()
     assert calls == [True]
-    monkeypatch.setattr(mr, "recompute_feed_forward_activations", lambda m, enabled=True: contextlib.nullcontext(0))
-    loss_plain, grads_plain = run()
+    loss_plain, grads_plain = run(RagSpeedOptions(recompute_activations=False))
+    assert calls == [True, False]
     assert torch.allclose(loss, loss_plain, atol=1e-6)
     assert grads.keys() == grads_plain.keys()
     for name in grads:

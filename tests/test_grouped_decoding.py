@@ -1,11 +1,16 @@
-"""RAG-Token decoding with the length groups merged into one batch (modeling_rag/grouped_decoding.py)."""
+"""RAG-Token decoding with the length groups merged into one batch (modeling_rag/speedups/grouped_decoding.py,
+merged_decoding.py), compared with group-by-group decoding through RagSpeedOptions."""
 
 import pytest
 import torch
 from conftest import TINY_PASSAGES, make_tiny_rag
 
-import modeling_rag.modeling_rag as mr
-from modeling_rag.grouped_decoding import grouped_cross_attention_modules
+import modeling_rag.generators.seq2seq as seq2seq
+import modeling_rag.speedups.merged_decoding as merged_decoding
+from modeling_rag import RagSpeedOptions
+from modeling_rag.modes import RagTokenState
+from modeling_rag.speedups.grouped_decoding import grouped_cross_attention_modules
+from modeling_rag.speedups.merged_decoding import MergedDecoding
 
 QUESTIONS = ["Who was the Norse leader?", "Rome?", "Which leader gave his name to a region of France, and when?"]
 PASSAGES = [
@@ -18,26 +23,31 @@ SCORES = [[2.0, 0.5, -1.0], [0.3, 0.2, 0.1], [1.0, 2.0, 3.0]]
 
 def _decode(model, monkeypatch, merge: bool, **generate_kwargs):
     """Generated ids, every step's marginal logits, and how many steps ran merged."""
-    monkeypatch.setattr(mr, "MERGE_DECODE_GROUPS", merge)
-    monkeypatch.setattr(mr, "DECODE_GROUP_MIN_ROWS", 1)  # several groups even for this small batch
+    speed = RagSpeedOptions(merge_decode_groups=merge, decode_group_min_rows=1)  # several groups even here
     steps, merged_steps = [], []
-    step, merged_step = type(model)._rag_token_step, type(model)._rag_token_step_merged
+    step, merged_step = RagTokenState.next_token_logprobs, MergedDecoding.step
 
-    def recording_step(self, input_ids, state):
-        out = step(self, input_ids, state)
-        steps.append(out.logits.detach().clone())
+    def recording_step(self, input_ids):
+        out = step(self, input_ids)
+        steps.append(out.detach().clone())
         return out
 
     def recording_merged(self, *args):
         merged_steps.append(1)
         return merged_step(self, *args)
 
-    monkeypatch.setattr(type(model), "_rag_token_step", recording_step)
-    monkeypatch.setattr(type(model), "_rag_token_step_merged", recording_merged)
+    monkeypatch.setattr(RagTokenState, "next_token_logprobs", recording_step)
+    monkeypatch.setattr(MergedDecoding, "step", recording_merged)
     torch.manual_seed(0)
     with torch.no_grad():
         ids = model.generate(
-            QUESTIONS, passages=PASSAGES, doc_scores=SCORES, max_new_tokens=5, min_new_tokens=5, **generate_kwargs
+            QUESTIONS,
+            passages=PASSAGES,
+            doc_scores=SCORES,
+            max_new_tokens=5,
+            min_new_tokens=5,
+            speed_options=speed,
+            **generate_kwargs,
         )
     monkeypatch.undo()
     return ids, steps, len(merged_steps)
@@ -82,16 +92,23 @@ def test_t5_keeps_decoding_group_by_group(monkeypatch):
 
 def test_a_cross_attention_layer_that_bypasses_the_grouped_function_is_an_error(monkeypatch):
     model = make_tiny_rag("bart", "rag_token").eval()
-    real = mr.grouped_cross_attention_modules
+    real = merged_decoding.grouped_cross_attention_modules
 
     def with_a_layer_never_called(generator):
         layers = real(generator)
         return {**layers, -1: 0}  # a "module" the generator never runs: one layer short each step
 
-    monkeypatch.setattr(mr, "grouped_cross_attention_modules", with_a_layer_never_called)
-    monkeypatch.setattr(mr, "DECODE_GROUP_MIN_ROWS", 1)
+    # a transformers version whose decoder bypassed the grouped function would look like this
+    monkeypatch.setattr(merged_decoding, "grouped_cross_attention_modules", with_a_layer_never_called)
     with pytest.raises(RuntimeError, match="cross-attention layers went through the grouped attention function"):
-        model.generate(QUESTIONS, passages=PASSAGES, doc_scores=SCORES, max_new_tokens=3, min_new_tokens=3)
+        model.generate(
+            QUESTIONS,
+            passages=PASSAGES,
+            doc_scores=SCORES,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            speed_options=RagSpeedOptions(decode_group_min_rows=1),
+        )
     # the generator's attention implementation is restored after the error
     assert model.generator.config._attn_implementation == "sdpa"
 
@@ -99,7 +116,7 @@ def test_a_cross_attention_layer_that_bypasses_the_grouped_function_is_an_error(
 def test_growing_layer_holds_what_concatenation_would():
     from transformers.cache_utils import DynamicLayer
 
-    from modeling_rag.grouped_decoding import GrowingLayer
+    from modeling_rag.speedups.grouped_decoding import GrowingLayer
 
     torch.manual_seed(0)
     first = torch.randn(4, 2, 3, 8), torch.randn(4, 2, 3, 8)
@@ -131,7 +148,7 @@ def test_growing_layer_holds_what_concatenation_would():
 def test_merged_cache_concatenates_self_attention_and_holds_no_cross_attention_copy():
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-    from modeling_rag.grouped_decoding import merge_group_caches
+    from modeling_rag.speedups.grouped_decoding import merge_group_caches
 
     torch.manual_seed(0)
     groups = []
@@ -157,19 +174,19 @@ ANSWERS = ["Rollo", "the city", "Normandy in 911"]
 
 def _teacher_forced(model, monkeypatch, merge: bool, **forward_kwargs):
     """Loss, logits and parameter gradients of one forward/backward, and the chunk counts packed."""
-    monkeypatch.setattr(mr, "MERGE_DECODE_GROUPS", merge)
-    monkeypatch.setattr(mr, "TRAIN_CHUNK_TOKENS", 300)  # several length chunks for this small batch
-    monkeypatch.setattr(mr, "ENCODER_CHUNK_TOKENS", 300)
+    # several length chunks for this small batch
+    speed = RagSpeedOptions(merge_decode_groups=merge, train_chunk_tokens=300, encoder_chunk_tokens=300)
     packed = []
-    real = type(model)._packed_decoder_logits
+    real = seq2seq.packed_decoder_logits
 
-    def recording(self, encoder_states, *args):  # one encoder output per length chunk
+    def recording(generator, encoder_states, *args):  # one encoder output per length chunk
         packed.append(len(encoder_states))
-        return real(self, encoder_states, *args)
+        return real(generator, encoder_states, *args)
 
-    monkeypatch.setattr(type(model), "_packed_decoder_logits", recording)
+    monkeypatch.setattr(seq2seq, "packed_decoder_logits", recording)
     model.zero_grad()
-    out = model(**model.prepare_inputs(QUESTIONS, passages=PASSAGES, answers=ANSWERS), **forward_kwargs)
+    batch = model.prepare_inputs(QUESTIONS, passages=PASSAGES, answers=ANSWERS)
+    out = model(**batch, speed_options=speed, **forward_kwargs)
     if torch.is_grad_enabled():
         out.loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -219,16 +236,18 @@ def test_packed_teacher_forcing_steps_aside_for_checkpointing_and_t5(monkeypatch
 
 def test_packed_teacher_forcing_with_a_layer_that_bypasses_the_grouped_function_is_an_error(monkeypatch):
     model = make_tiny_rag("bart", "rag_token").eval()
-    real = mr.grouped_cross_attention_modules
-    monkeypatch.setattr(mr, "grouped_cross_attention_modules", lambda generator: {**real(generator), -1: 0})
-    monkeypatch.setattr(mr, "TRAIN_CHUNK_TOKENS", 300)
+    real = seq2seq.grouped_cross_attention_modules
+    monkeypatch.setattr(seq2seq, "grouped_cross_attention_modules", lambda generator: {**real(generator), -1: 0})
     with pytest.raises(RuntimeError, match="teacher-forced decoding: .* went through the grouped attention function"):
-        model(**model.prepare_inputs(QUESTIONS, passages=PASSAGES, answers=ANSWERS))
+        model(
+            **model.prepare_inputs(QUESTIONS, passages=PASSAGES, answers=ANSWERS),
+            speed_options=RagSpeedOptions(train_chunk_tokens=300),
+        )
     assert model.generator.config._attn_implementation == "sdpa"
 
 
 def test_pack_encoder_states_puts_the_groups_tokens_back_to_back():
-    from modeling_rag.grouped_decoding import CrossAttentionPlan, pack_encoder_states
+    from modeling_rag.speedups.grouped_decoding import CrossAttentionPlan, pack_encoder_states
 
     torch.manual_seed(0)
     states = [torch.randn(2, 5, 4), torch.randn(3, 2, 4)]  # 10 + 6 tokens for 5 rows: width 4, 4 spare

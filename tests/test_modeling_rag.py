@@ -3,8 +3,11 @@ import torch
 from conftest import TINY_PASSAGES, build_tiny_tokenizer, make_tiny_rag, tiny_question_encoder_config
 from transformers import AutoConfig, AutoModel, BertModel, GenerationMixin
 
-from modeling_rag import RagConfig, RagConfigError, RagForGeneration, RagInputError, RagTokenizer
-from modeling_rag.modeling_rag import _RagTokenState
+from modeling_rag import RagConfig, RagConfigError, RagForGeneration, RagInputError, RagSpeedOptions, RagTokenizer
+from modeling_rag.generators import CausalRunner
+from modeling_rag.inputs import answer_ids
+from modeling_rag.modes import RagTokenState
+from modeling_rag.speedups.length_groups import length_chunks, length_groups
 
 KINDS = ("gpt2", "llama", "bart", "t5")
 MODES = ("concat", "rag_sequence", "rag_token")
@@ -63,7 +66,6 @@ def test_each_mode_trains(kind, mode):
     model = make_tiny_rag(kind, mode).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batch = model.prepare_inputs(QUESTIONS, ANSWERS, passages=PASSAGES, doc_scores=SCORES)
-    batch.pop("passages")
     losses = []
     for _ in range(12):
         loss = model(**batch).loss
@@ -82,7 +84,6 @@ def test_training_logits_only_at_answer_positions_give_the_same_loss_and_gradien
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     batch = model.prepare_inputs(QUESTIONS, ANSWERS, passages=PASSAGES, doc_scores=SCORES)
-    batch.pop("passages")
 
     def loss_and_grads():
         model.zero_grad()
@@ -94,7 +95,7 @@ def test_training_logits_only_at_answer_positions_give_the_same_loss_and_gradien
     kept, kept_grads = loss_and_grads()
     answer_tokens = int((batch["labels"][:, 1:] != -100).any(0).sum())
     assert kept.logits.shape[1] == answer_tokens < batch["context_input_ids"].shape[1]
-    monkeypatch.setattr(RagForGeneration, "_answer_positions", lambda self, labels: None)
+    monkeypatch.setattr(CausalRunner, "answer_positions", lambda self, labels: None)
     full, full_grads = loss_and_grads()
     assert full.logits.shape[1] == batch["context_input_ids"].shape[1]
     torch.testing.assert_close(kept.loss, full.loss, rtol=1e-5, atol=1e-6)
@@ -105,42 +106,42 @@ def test_training_logits_only_at_answer_positions_give_the_same_loss_and_gradien
 
 @pytest.mark.parametrize("kind", ["bart", "t5"])
 @pytest.mark.parametrize("mode", MODES)
-def test_length_sorted_chunks_give_the_same_loss_gradients_and_generations(kind, mode, monkeypatch):
+def test_length_sorted_chunks_give_the_same_loss_gradients_and_generations(kind, mode):
     """Encoder-decoder contexts run in length-sorted chunks trimmed to their own length (training, and
     decoding in length groups): the results equal one padded batch."""
-    import modeling_rag.modeling_rag as mr
-
     model = make_tiny_rag(kind, mode).eval()  # no dropout (BART's is functional); gradients still flow
     questions = QUESTIONS + ["Rome?", "Which leader gave his name to a region of France, and when?"]
     answers = ANSWERS + ["Italy", "Rollo"]
     passages = PASSAGES + [[TINY_PASSAGES[2], TINY_PASSAGES[0], TINY_PASSAGES[1]]] * 2
     scores = SCORES + [[0.3, 0.2, 0.1], [1.0, 2.0, 3.0]]
     batch = model.prepare_inputs(questions, answers, passages=passages, doc_scores=scores)
-    batch.pop("passages")
     lengths = batch["context_attention_mask"].sum(-1)
     assert lengths.min() < lengths.max()  # padding that chunking can skip
 
-    def run():
+    def run(speed):
         model.zero_grad()
-        out = model(**batch)
+        out = model(**batch, speed_options=speed)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.generator.named_parameters() if p.grad is not None}
         with torch.no_grad():
             gen = model.generate(
-                questions=questions, passages=passages, doc_scores=scores, max_new_tokens=4, num_beams=2
+                questions=questions,
+                passages=passages,
+                doc_scores=scores,
+                max_new_tokens=4,
+                num_beams=2,
+                speed_options=speed,
             )
         return out, grads, gen
 
-    monkeypatch.setattr(mr, "ENCODER_CHUNK_TOKENS", 10**9)
-    monkeypatch.setattr(mr, "TRAIN_CHUNK_TOKENS", 10**9)
-    whole, whole_grads, whole_gen = run()
+    whole, whole_grads, whole_gen = run(RagSpeedOptions.plain())
     chunk_tokens = int(lengths.max()) * 2  # chunks of two rows
-    monkeypatch.setattr(mr, "ENCODER_CHUNK_TOKENS", chunk_tokens)
-    monkeypatch.setattr(mr, "TRAIN_CHUNK_TOKENS", chunk_tokens)
-    monkeypatch.setattr(mr, "DECODE_GROUP_MIN_ROWS", 1)  # decoding in length groups too
-    assert len(model._length_chunks(batch["context_attention_mask"])) > 1
-    assert len(model._length_groups(batch["context_attention_mask"], n_docs=1, expand=1)) > 1
-    chunked, chunked_grads, chunked_gen = run()
+    # decoding in length groups too
+    speed = RagSpeedOptions(encoder_chunk_tokens=chunk_tokens, train_chunk_tokens=chunk_tokens, decode_group_min_rows=1)
+    mask = batch["context_attention_mask"]
+    assert len(length_chunks(mask, chunk_tokens)) > 1
+    assert len(length_groups(mask, 1, 1, speed.decode_groups, speed.decode_group_min_rows)) > 1
+    chunked, chunked_grads, chunked_gen = run(speed)
     torch.testing.assert_close(chunked.loss, whole.loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chunked.logits, whole.logits, rtol=1e-4, atol=1e-4)
     for name, grad in whole_grads.items():
@@ -151,7 +152,7 @@ def test_length_sorted_chunks_give_the_same_loss_gradients_and_generations(kind,
 def _reference_token_logprobs(model, question, passage, answer):
     """log p(answer token t | question, passage, answer<t), with nothing batched, padded or cached."""
     packed = model.packer().pack(question, [passage]).input_ids
-    ans = model._answer_ids(answer, with_eos=True)
+    ans = answer_ids(model, answer, with_eos=True)
     if model.is_generator_encoder_decoder:
         labels = torch.tensor([ans])
         logits = model.generator(input_ids=torch.tensor([packed]), labels=labels).logits[0]
@@ -184,7 +185,6 @@ def test_marginal_likelihood_matches_a_reference_computation(kind, mode):
 def test_gradient_reaches_question_encoder_through_doc_scores(mode):
     model = make_tiny_rag("gpt2", mode).train()
     batch = model.prepare_inputs(QUESTIONS, ANSWERS, passages=PASSAGES)
-    batch.pop("passages")
     torch.manual_seed(1)
     batch["doc_embeddings"] = torch.randn(2, 3, model.config.retrieval_vector_size)
     out = model(**batch)
@@ -230,13 +230,12 @@ def test_rag_token_beam_search_scores_match_the_marginal(kind):
     model = make_tiny_rag(kind, "rag_token")
     batch = model.prepare_inputs(QUESTIONS, passages=PASSAGES, doc_scores=SCORES, for_generation=True)
     n = 3
-    state = _RagTokenState(
+    state = RagTokenState(
+        model.runner(),
         batch["context_input_ids"].view(2, n, -1),
         batch["context_attention_mask"].view(2, n, -1),
         torch.log_softmax(batch["doc_scores"], -1),
         n,
-        model.is_generator_encoder_decoder,
-        getattr(model.generator.config, "decoder_start_token_id", None),
     )
     out = GenerationMixin.generate(
         model,
@@ -249,7 +248,7 @@ def test_rag_token_beam_search_scores_match_the_marginal(kind):
         use_cache=False,
         return_dict_in_generate=True,
         output_scores=True,
-        pad_token_id=model._pad_id(),
+        pad_token_id=model.runner().pad_id(),
         eos_token_id=None,
     )
     answers = [model.tokenizer.generator.decode(s[1:]) for s in out.sequences]
@@ -279,23 +278,22 @@ def test_rag_token_beam_search_scores_match_the_marginal(kind):
 def test_rag_sequence_greedy_reuses_decoding_scores_exactly(kind, decoding, monkeypatch):
     """Greedy RAG-Sequence takes each hypothesis's score under its own document from decoding and rescores
     only the other pairs: the same hypotheses and scores as rescoring everything."""
-    import modeling_rag.modeling_rag as mr
-
     model = make_tiny_rag(kind, "rag_sequence", sequence_decoding=decoding)
     kwargs = dict(passages=PASSAGES, doc_scores=SCORES, max_new_tokens=5, return_dict_in_generate=True)
     calls = []
-    real = RagForGeneration._sequence_logprobs
+    runner_class = type(model.runner())
+    real = runner_class.sequence_logprobs
 
     def counting(self, ctx_ids, ctx_mask, answer_ids, *a, **k):
         calls.append(answer_ids.shape[0])
         return real(self, ctx_ids, ctx_mask, answer_ids, *a, **k)
 
-    monkeypatch.setattr(RagForGeneration, "_sequence_logprobs", counting)
+    monkeypatch.setattr(runner_class, "sequence_logprobs", counting)
     reused = model.generate(QUESTIONS, **kwargs)
     reused_rows = sum(calls)
     calls.clear()
-    monkeypatch.setattr(mr, "OWN_SCORES_MAX_LOGITS", 0)  # forces rescoring of every pair
-    rescored = model.generate(QUESTIONS, **kwargs)
+    # own_scores_max_logits=0 forces rescoring of every pair
+    rescored = model.generate(QUESTIONS, **kwargs, speed_options=RagSpeedOptions(own_scores_max_logits=0))
     torch.testing.assert_close(reused.sequences, rescored.sequences)
     torch.testing.assert_close(reused.sequences_scores, rescored.sequences_scores, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(reused.doc_posteriors, rescored.doc_posteriors, rtol=1e-5, atol=1e-5)
@@ -328,11 +326,15 @@ def test_rag_sequence_decoding_returns_scored_hypotheses(kind, decoding):
     assert out.doc_posteriors.shape == (2, 3)
     if decoding == "thorough":
         # the score of the best answer is its full marginal likelihood over all documents
-        best = model._trim_after_eos(out.sequences.view(2, 2, -1)[:, 0])
+        best = model.runner().trim_after_eos(out.sequences.view(2, 2, -1)[:, 0])
         batch = model.prepare_inputs(QUESTIONS, passages=PASSAGES, doc_scores=SCORES, for_generation=True)
-        seq_lp = model._sequence_logprobs(
-            batch["context_input_ids"], batch["context_attention_mask"], best.repeat_interleave(3, 0)
-        ).view(2, 3)
+        seq_lp = (
+            model.runner()
+            .sequence_logprobs(
+                batch["context_input_ids"], batch["context_attention_mask"], best.repeat_interleave(3, 0)
+            )
+            .view(2, 3)
+        )
         expected = torch.logsumexp(torch.log_softmax(torch.tensor(SCORES), -1) + seq_lp, -1)
         torch.testing.assert_close(scores[:, 0], expected, rtol=1e-4, atol=1e-4)
 
@@ -357,7 +359,7 @@ def test_answer_returns_text_and_sources():
 def test_question_survives_packing_in_a_small_window():
     model = make_tiny_rag("gpt2", "concat", max_new_tokens=16)
     model.generator.config.n_positions = 160
-    model._packer = None
+    model.clear_caches()
     long = {"id": "x", "title": "Long", "text": " ".join(["The Normans gave their name to Normandy."] * 100)}
     batch = model.prepare_inputs(["Who was the Norse leader?"], passages=[[long, long]], for_generation=True)
     ids = batch["context_input_ids"][0].tolist()
@@ -426,7 +428,7 @@ def test_interrupted_save_restores_the_previous_model_and_keeps_user_files(tmp_p
     model.save_pretrained(tmp_path)
     (tmp_path / "my_notes.txt").write_text("mine")
     first_weights = (tmp_path / "model.safetensors").read_bytes()
-    import modeling_rag.atomic as atomic
+    import modeling_rag.utils.atomic as atomic
 
     real_replace = atomic.os.replace
     calls = []
@@ -491,17 +493,15 @@ def test_decoder_only_training_rows_are_left_padded_and_each_question_scores_as_
     passages = [[TINY_PASSAGES[0], long_passage], [TINY_PASSAGES[1], TINY_PASSAGES[2]]]
     scores = [[2.0, 0.5], [1.5, 1.0]]
     batch = model.prepare_inputs(questions, answers, passages=passages, doc_scores=scores)
-    batch.pop("passages")
     lengths = batch["context_attention_mask"].sum(-1)
     assert lengths.max() - lengths.min() > 20  # contexts of very different lengths
     assert (batch["context_attention_mask"][:, -1] == 1).all()  # left-padded
     answer_tokens = (batch["labels"] != -100).sum(-1)
-    assert len(model._answer_positions(batch["labels"])) == int(answer_tokens.max())
+    assert len(model.runner().answer_positions(batch["labels"])) == int(answer_tokens.max())
     together = model(**batch).loss
     alone = []
     for i in range(2):
         single = model.prepare_inputs([questions[i]], [answers[i]], passages=[passages[i]], doc_scores=[scores[i]])
-        single.pop("passages")
         alone.append(model(**single).loss)
     assert torch.allclose(together, torch.stack(alone).mean(), atol=1e-5)
 
@@ -511,7 +511,7 @@ def test_embedding_lookup_shortcut_only_where_it_equals_the_stack_own_lookup():
     only for stacks whose forward does exactly `self.embed_tokens(input_ids)`."""
     from transformers import MarianConfig, MarianMTModel
 
-    from modeling_rag.modeling_rag import _embedding_lookup
+    from modeling_rag.speedups.support import exact_embedding_lookup as _embedding_lookup
 
     for kind in ("bart", "t5"):
         generator = make_tiny_rag(kind, "rag_token").generator
@@ -544,7 +544,7 @@ def test_embedding_lookup_shortcut_only_where_it_equals_the_stack_own_lookup():
 
 
 def test_token_marginal_equals_logsumexp_of_document_weighted_log_softmax():
-    from modeling_rag.modeling_rag import _token_marginal
+    from modeling_rag.modes.marginals import next_token_logprobs as _token_marginal
 
     torch.manual_seed(0)
     logits = torch.randn(6, 11) * 5

@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modeling_rag import RagConfig, RagForGeneration
-from modeling_rag.atomic import JOURNAL_NAME
 from modeling_rag.configuration_rag import DEFAULT_PASSAGE_TEMPLATE
 from modeling_rag.context import ContextPacker
 from modeling_rag.errors import ContextOverflowError, RagError
+from modeling_rag.utils.atomic import JOURNAL_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 KILL_POINTS = int(os.environ.get("MODELING_RAG_KILL_POINTS", "12"))
@@ -263,7 +263,7 @@ def _run_in_child(work) -> int:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_sigkill_at_every_rename_of_save_pretrained(tmp_path):
-    import modeling_rag.atomic as atomic
+    import modeling_rag.utils.atomic as atomic
 
     corpus = tmp_path / "p.jsonl"
     import json

@@ -281,7 +281,8 @@ def test_two_processes_match_one(tiny, tmp_path):
     one = tmp_path / "one"
     script.main(_retriever_argv(tiny, one, "--batch-size", "4", *common))
     two = tmp_path / "two"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "tests"))
+    # this checkout's package first, not an installed copy elsewhere
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.path.join(ROOT, "tests")]))
     cmd = [
         sys.executable,
         "-m",
@@ -506,7 +507,6 @@ def test_gradient_checkpointing_switch_keeps_loss_and_gradients(kind):
         batch = model.prepare_inputs(
             ["Who?", "Where is Rome?"], ["Rollo", "Italy"], passages=passages, doc_scores=[[1.0, 0.0], [0.5, 0.2]]
         )
-        batch.pop("passages")
         out = model(**batch)
         out.loss.backward()
         return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

@@ -51,7 +51,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderC
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .introspection import forward_source
+from .support import GROUPED_CROSS_ATTENTION, is_supported
 
 __all__ = [
     "GROUPED_ATTENTION",
@@ -65,9 +65,6 @@ __all__ = [
 ]
 
 GROUPED_ATTENTION = "rag_grouped_sdpa"
-# what a cross-attention forward must read for the stand-in cache to be safe: the cached keys and values
-# once `is_updated` is set, and the attention function from transformers' interface
-_SOURCE_MARKERS = ("is_updated", "cross_attention_cache", "ALL_ATTENTION_FUNCTIONS")
 _ACTIVE = threading.local()
 
 
@@ -173,11 +170,6 @@ AttentionInterface.register(GROUPED_ATTENTION, _grouped_sdpa)
 AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
 
 
-def _reads_cached_cross_attention(cls: type) -> bool:
-    source = forward_source(cls)
-    return all(marker in source for marker in _SOURCE_MARKERS)
-
-
 def grouped_cross_attention_modules(generator) -> dict[int, int] | None:
     """`id(module) -> layer index` of `generator`'s cross-attention modules, or None if it does not qualify.
 
@@ -193,7 +185,7 @@ def grouped_cross_attention_modules(generator) -> dict[int, int] | None:
         if name.rsplit(".", 1)[-1] != "encoder_attn":
             continue
         index = getattr(module, "layer_idx", None)
-        if not isinstance(index, int) or not _reads_cached_cross_attention(type(module)):
+        if not isinstance(index, int) or not is_supported(type(module), GROUPED_CROSS_ATTENTION):
             return None
         layers[id(module)] = index
     decoder_layers = getattr(config, "decoder_layers", None)

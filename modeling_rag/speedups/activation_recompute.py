@@ -8,8 +8,8 @@ of the block). [`recompute_feed_forward_activations`] keeps only the first: ``fc
 autograd function that saves its *pre*-activation input and recomputes the activation (an elementwise
 op, ~1-2% of a step) when the gradients are needed. Gradients are those of the plain computation.
 
-It applies to the BART-family layers of transformers (BART, mBART, Pegasus, Marian, Whisper, ... : 45
-model files), whose forward reads ``self.activation_fn(self.fc1(hidden_states))``, then an activation
+It applies to the layers named in `support.RECOMPUTE_FEED_FORWARD` (the BART family, LED, MVP,
+Whisper), whose forward reads ``self.activation_fn(self.fc1(hidden_states))``, then an activation
 dropout, then ``self.fc2(hidden_states)``. Layers whose activation dropout is active in training are
 left alone (the dropout sits between the activation and ``fc2``), as are generators that use gradient
 checkpointing (their recomputation must see the same forward) and autocast regions.
@@ -23,12 +23,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .introspection import forward_source, uses_activation_checkpointing
+from .support import RECOMPUTE_FEED_FORWARD, is_supported, uses_activation_checkpointing
 
 __all__ = ["recompute_feed_forward_activations"]
-
-_PATTERN = "self.activation_fn(self.fc1(hidden_states))"
-_FC2_CALL = "self.fc2(hidden_states)"
 
 
 class _ActivationLinear(torch.autograd.Function):
@@ -69,8 +66,7 @@ def _feed_forward_layers(model: nn.Module) -> list[nn.Module]:
             continue
         if module.training and float(getattr(module, "activation_dropout", 0.0) or 0.0) > 0.0:
             continue
-        source = forward_source(type(module))
-        if _PATTERN in source and source.count(_FC2_CALL) == 1:
+        if is_supported(type(module), RECOMPUTE_FEED_FORWARD):
             layers.append(module)
     return layers
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -36,6 +35,7 @@ from typing import Any, Literal
 
 from .constants import CONFIG_NAME, DEFAULT_HOME, DEFAULT_HOME_ENV, SAFE_WEIGHTS_NAME
 from .errors import IndexIntegrityError, RagConfigError, RagError
+from .utils.hashing import sha256_file
 
 __all__ = [
     "DEFAULT_QUESTION_ENCODER",
@@ -178,14 +178,6 @@ def is_complete_generator_folder(folder: str | os.PathLike[str]) -> bool:
         return False
 
 
-def _sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _find_smollm2_gguf() -> tuple[Path, bool]:
     """The SmolLM2 GGUF file and whether the user chose it (``$MODELING_RAG_SMOLLM2_GGUF``).
 
@@ -220,7 +212,7 @@ def _verify_gguf(path: Path, user_chosen: bool) -> str:
     A mismatch in the packaged file is an error (a corrupt install); a file chosen through
     ``$MODELING_RAG_SMOLLM2_GGUF`` only warns, since it may be another quantisation of the model.
     """
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != SMOLLM2_GGUF_SHA256:
         message = (
             f"{path} has sha256 {digest}, not the expected {SMOLLM2_GGUF_SHA256} of {SMOLLM2_GGUF_NAME} "

@@ -28,6 +28,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .errors import CorpusError, RagConfigError
+from .utils.chunk_ids import chunk_id
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def chunk_documents(
             end = min(start + max_tokens, len(spans))
             text = doc.text[spans[start][0] : spans[end - 1][1]].strip()
             passages.append(
-                {"id": f"{doc.id}#{n}", "title": doc.title, "text": text, "source": doc.source, "position": n}
+                {"id": chunk_id(doc.id, n), "title": doc.title, "text": text, "source": doc.source, "position": n}
             )
             n += 1
             if end == len(spans):

@@ -12,7 +12,6 @@ revision and the file, and says what to do.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from typing import Any
 
 from .constants import INDEX_CONFIG_NAME, MODEL_CARD_NAME
 from .errors import HubError, IndexIntegrityError
+from .utils.hashing import sha256_file
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -173,14 +173,6 @@ def resolve_model_folder(
     return folder
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _recorded_checksums(config: Any) -> dict[str, tuple[str, int | None]]:
     """``{relative name: (sha256, size or None)}`` from either checksum layout of ``index_config.json``.
 
@@ -260,7 +252,7 @@ def verify_index_checksums(
                 f"Index file '{name}' in '{folder}'{origin} is corrupted: it has {path.stat().st_size} bytes, "
                 f"{size} were saved.{hint}"
             )
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise IndexIntegrityError(
                 f"Index file '{name}' in '{folder}'{origin} is corrupted: sha256 {actual} does not match the "

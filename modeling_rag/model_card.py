@@ -12,7 +12,6 @@ import json
 import os
 import re
 import string
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from .constants import (
     TRAINING_CONFIG_NAME,
 )
 from .errors import RagInputError
+from .utils.atomic import atomic_write_text
 
 LIBRARY_NAME = "modeling_rag"
 BASE_TAGS = ("modeling_rag", "rag", "retrieval-augmented-generation")
@@ -421,18 +421,6 @@ def build_model_card(data: RagModelCardData, existing_card_text: str | None = No
     return ModelCard(f"---\n{front}\n---\n{text}", ignore_metadata_errors=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_model_card(
     folder: str | os.PathLike,
     data: RagModelCardData,
@@ -449,7 +437,7 @@ def write_model_card(
     if existing_card_text is None and path.is_file():
         existing_card_text = path.read_text(encoding="utf-8")
     card = build_model_card(data, existing_card_text=existing_card_text)
-    _atomic_write_text(path, str(card))
+    atomic_write_text(path, str(card))
     return str(path)
 
 

@@ -115,6 +115,7 @@ def build_or_load(args):
 
     from modeling_rag import RagForGeneration
     from modeling_rag.assets import home_dir
+    from modeling_rag.utils.atomic import atomic_write_text
 
     model_dir = Path(args.model_dir) if args.model_dir else home_dir() / "demo-model"
     manifest_path = model_dir / DEMO_MANIFEST
@@ -165,9 +166,7 @@ def build_or_load(args):
     model.build_index(args.corpus, **index_kwargs)
     model.save_pretrained(model_dir)
     wanted["defaults"] = args.question_encoder == "default" and args.generator == "default"
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(wanted, indent=2))
-    os.replace(tmp, manifest_path)
+    atomic_write_text(manifest_path, json.dumps(wanted, indent=2))
     print(
         f"Built and saved to {model_dir} in {time.perf_counter() - t0:.1f} s ({model.retriever.n_passages} passages).",
         flush=True,

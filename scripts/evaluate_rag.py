@@ -45,9 +45,8 @@ import json
 import os
 import platform
 import re
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -62,6 +61,8 @@ import modeling_rag
 from modeling_rag import DataFormatError, RagError, RagForGeneration, RagInputError, load_metric, load_qa_examples
 from modeling_rag.constants import EVAL_RESULTS_NAME, PREDICTIONS_NAME, RECALL_PLOT_NAME, RESULTS_NAME
 from modeling_rag.metrics import answer_in_text
+from modeling_rag.utils.atomic import atomic_open, atomic_write_text
+from modeling_rag.utils.chunk_ids import document_id, is_part_of
 
 RETRIEVERS = ("dense", "bm25", "hybrid")
 GENERATION_MODES = ("concat", "rag_sequence", "rag_token")
@@ -215,24 +216,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------------
-def atomic_write(path: str, write: Callable[[Any], None], binary: bool = False) -> None:
-    """Writes ``path`` through a temporary file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: str, data: Any) -> None:
     """Writes ``data`` as indented JSON, atomically."""
-    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n"))
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def gold_rank(retrieved_ids: Sequence[str], gold_ids: Sequence[str]) -> int | None:
@@ -246,7 +232,7 @@ def gold_rank(retrieved_ids: Sequence[str], gold_ids: Sequence[str]) -> int | No
 def match_gold(passage_id: str, gold_ids: Sequence[str]) -> str:
     """The gold id that ``passage_id`` is (exactly, or as a chunk ``gold#n``), else ``passage_id`` itself."""
     for gold in gold_ids:
-        if passage_id == gold or passage_id.startswith(gold + "#"):
+        if is_part_of(passage_id, gold):
             return gold
     return passage_id
 
@@ -416,7 +402,7 @@ def check_gold_ids(examples, model: RagForGeneration, accelerator: Accelerator) 
     """Counts gold passage ids found nowhere in the index (exactly or as chunks); all unknown is an error."""
     index = model.retriever.index
     ids = [str(p.get("id")) for p in index.get_passages(index.row_ids)]
-    known = set(ids) | {pid.rsplit("#", 1)[0] for pid in ids if "#" in pid}
+    known = set(ids) | {document_id(pid) for pid in ids} - {None}
     gold = {pid for e in examples for pid in e.positive_passage_ids}
     unknown = sorted(gold - known)
     if gold and len(unknown) == len(gold):
@@ -605,7 +591,8 @@ def write_predictions(path: str, records: list[dict]) -> None:
         for row in prediction_rows(records):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    atomic_write(path, write)
+    with atomic_open(path) as f:
+        write(f)
 
 
 def plot_recall(path: str, retrieval: dict[str, Any], k_values: list[int], title: str) -> None:
@@ -639,7 +626,8 @@ def plot_recall(path: str, retrieval: dict[str, Any], k_values: list[int], title
         ax.legend(loc="lower right")
     fig.tight_layout()
     try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
+        with atomic_open(path, binary=True) as f:
+            fig.savefig(f, format="png")
     finally:
         plt.close(fig)
 

@@ -49,6 +49,7 @@ from modeling_rag.training import (
     setup_logging,
     write_final_metrics,
 )
+from modeling_rag.utils.atomic import atomic_open
 
 logger = logging.getLogger("train_generator")
 
@@ -101,10 +102,8 @@ def _cached_retrieval(model, args, train, dev, n_docs):
     dev_r = retrieve_all(model, key["dev"], n_docs) if dev else ([], [])
     logger.info("Retrieved passages for %d questions in %.1fs", len(train) + len(key["dev"]), time.time() - t0)
     if path:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(path) as f:
             json.dump({"key": key, "train": train_r, "dev": dev_r}, f)
-        os.replace(tmp, path)
     return train_r, dev_r
 
 

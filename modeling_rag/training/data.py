@@ -19,6 +19,7 @@ from torch.utils.data import Sampler
 
 from ..errors import DataFormatError
 from ..qa_data import QAExample, check_passage_ids, load_qa_examples
+from ..utils.chunk_ids import document_id, is_part_of
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +83,9 @@ def passage_lookup(index) -> tuple[list[dict], dict[str, int]]:
         pid = str(p.get("id"))
         by_id[pid] = pos
     for pos, p in enumerate(passages):
-        pid = str(p.get("id"))
-        if "#" in pid:
-            by_id.setdefault(pid.rsplit("#", 1)[0], pos)
+        document = document_id(str(p.get("id")))
+        if document is not None:
+            by_id.setdefault(document, pos)
     return passages, by_id
 
 
@@ -92,8 +93,7 @@ def positions_of(pid: str, by_id: dict[str, int], passages: list[dict]) -> list[
     """Positions of the passage `pid`, or of every chunk of the document `pid`."""
     if pid in by_id and str(passages[by_id[pid]].get("id")) == pid:
         return [by_id[pid]]
-    prefix = pid + "#"
-    found = [i for i, p in enumerate(passages) if str(p.get("id")).startswith(prefix)]
+    found = [i for i, p in enumerate(passages) if is_part_of(str(p.get("id")), pid)]
     if found:
         return found
     return [by_id[pid]] if pid in by_id else []

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..qa_data import QAExample
+from ..utils.similarity import pairwise_scores
 from .data import passage_lookup, passage_texts
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,7 @@ def dense_topk(queries: np.ndarray, vectors: np.ndarray, k: int, metric: str = "
     ids_out = np.empty((len(queries), k), dtype=np.int64)
     for s in range(0, len(queries), 256):
         q = queries[s : s + 256]
-        sc = q @ vectors.T
-        if metric == "l2":
-            sc = -(np.sum(q**2, 1)[:, None] - 2 * sc + np.sum(vectors**2, 1)[None, :])
+        sc = pairwise_scores(q, vectors, metric)
         part = np.argpartition(-sc, k - 1, axis=1)[:, :k] if k < sc.shape[1] else np.tile(np.arange(k), (len(q), 1))
         order = np.take_along_axis(sc, part, 1).argsort(axis=1, kind="stable")[:, ::-1]
         # ties: stable on descending means reversed; re-sort for deterministic best-first order
@@ -83,9 +82,7 @@ def retrieval_metrics(
     if not rows:
         return {"count": 0}
     q = question_vectors[rows]
-    sc = q @ passage_vectors.T
-    if metric == "l2":
-        sc = -(np.sum(q**2, 1)[:, None] - 2 * sc + np.sum(passage_vectors**2, 1)[None, :])
+    sc = pairwise_scores(q, passage_vectors, metric)
     ranks = []
     for r, i in enumerate(rows):
         best = sc[r, list(gold[i])].max()

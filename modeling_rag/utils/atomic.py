@@ -1,5 +1,8 @@
 """Crash-safe writes: files through a temp file and a rename, folders through a journaled swap.
 
+Every atomic file write of the package and its scripts goes through [`atomic_open`] (or its two
+shorthands [`atomic_write_bytes`] / [`atomic_write_text`]).
+
 `commit_staged_folder` moves a fully written staging folder's entries into a target folder. It
 first records a journal; each existing entry is moved to a backup before the new one takes its
 place. A process killed at any point leaves a journal behind, and `recover_interrupted_commit`
@@ -9,13 +12,16 @@ one, never a mix. Files in the target that the commit does not touch are left al
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 logger = logging.getLogger(__name__)
 
@@ -24,14 +30,16 @@ STAGING_PREFIX = ".staging-"
 BACKUP_PREFIX = ".backup-"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to a temp file beside `path`, fsyncs it, then renames it over `path`."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
+    """A file to write `path` through: a temp file beside it, fsynced and renamed over `path` when the
+    block ends without an error (removed otherwise), so readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,8 +48,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to a temp file beside `path`, fsyncs it, then renames it over `path`."""
+    with atomic_open(path, binary=True) as f:
+        f.write(data)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """`atomic_write_bytes` of `text` in UTF-8 (newlines written as given)."""
+    with atomic_open(path) as f:
+        f.write(text)
 
 
 def new_staging_folder(target: str | os.PathLike) -> Path:

@@ -18,13 +18,21 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .context import generator_window, pad_batch
+from .context import ContextPacker, generator_window, pad_batch
 from .errors import RagConfigError, RagInputError
 from .modes import MODES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RagBatch", "check_n_docs", "check_questions", "prepare_inputs", "retrieve", "tokenize_questions"]
+__all__ = [
+    "RagBatch",
+    "check_n_docs",
+    "check_questions",
+    "packer_for",
+    "prepare_inputs",
+    "retrieve",
+    "tokenize_questions",
+]
 
 _NO_INDEX = (
     "This model has no index attached: build one with model.build_index(corpus), load a model saved with its "
@@ -101,6 +109,44 @@ def _check_passages(passages, batch_size: int, mode: str) -> list[list[dict]]:
             f"In {mode} mode every question needs the same number of passages; got {[len(p) for p in out]}."
         )
     return out
+
+
+def packer_for(model) -> ContextPacker:
+    """`model`'s context packer for its current tokenizer and settings: built once and kept on the model
+    (with its cache of tokenised passages) until one of them changes."""
+    if model.tokenizer is None:
+        raise RagInputError("This model has no tokenizer: call model.set_tokenizer(RagTokenizer(...)) first.")
+    c = model.config
+    key = (
+        id(model.tokenizer.generator),
+        c.max_input_tokens,
+        c.max_new_tokens,
+        c.prompt_template,
+        c.passage_template,
+        c.passage_separator,
+        c.instruction,
+        c.use_chat_template,
+        c.max_passage_tokens,
+        c.min_passage_tokens,
+    )
+    if model._packer is None or model._packer_key != key:
+        window = generator_window(model.generator.config, model.tokenizer.generator)
+        budget = window if model.is_generator_encoder_decoder else window - c.max_new_tokens
+        if c.max_input_tokens is not None:
+            budget = min(budget, c.max_input_tokens)
+        model._packer = ContextPacker(
+            model.tokenizer.generator,
+            budget=budget,
+            prompt_template=c.prompt_template,
+            passage_template=c.passage_template,
+            passage_separator=c.passage_separator,
+            instruction=c.instruction,
+            use_chat_template=c.use_chat_template,
+            max_passage_tokens=c.max_passage_tokens,
+            min_passage_tokens=c.min_passage_tokens,
+        )
+        model._packer_key = key
+    return model._packer
 
 
 def tokenize_questions(model, questions: Sequence[str]) -> dict:

@@ -31,7 +31,7 @@ from transformers import (
 from . import inputs
 from .configuration_rag import RagConfig
 from .constants import CONFIG_NAME, GENERATOR_TOKENIZER_DIR, QUESTION_ENCODER_TOKENIZER_DIR
-from .context import ContextPacker, generator_window
+from .context import ContextPacker
 from .encoders import encoder_forward, weights_fingerprint
 from .errors import IndexMismatchError, RagConfigError, RagInputError
 from .generators import GeneratorRunner, runner_for
@@ -232,39 +232,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
 
     def packer(self) -> ContextPacker:
         """The context packer for the current tokenizer and settings (built once, passages cached)."""
-        if self.tokenizer is None:
-            raise RagInputError("This model has no tokenizer: call model.set_tokenizer(RagTokenizer(...)) first.")
-        c = self.config
-        key = (
-            id(self.tokenizer.generator),
-            c.max_input_tokens,
-            c.max_new_tokens,
-            c.prompt_template,
-            c.passage_template,
-            c.passage_separator,
-            c.instruction,
-            c.use_chat_template,
-            c.max_passage_tokens,
-            c.min_passage_tokens,
-        )
-        if self._packer is None or self._packer_key != key:
-            window = generator_window(self.generator.config, self.tokenizer.generator)
-            budget = window if self.is_generator_encoder_decoder else window - c.max_new_tokens
-            if c.max_input_tokens is not None:
-                budget = min(budget, c.max_input_tokens)
-            self._packer = ContextPacker(
-                self.tokenizer.generator,
-                budget=budget,
-                prompt_template=c.prompt_template,
-                passage_template=c.passage_template,
-                passage_separator=c.passage_separator,
-                instruction=c.instruction,
-                use_chat_template=c.use_chat_template,
-                max_passage_tokens=c.max_passage_tokens,
-                min_passage_tokens=c.min_passage_tokens,
-            )
-            self._packer_key = key
-        return self._packer
+        return inputs.packer_for(self)
 
     # ---------------------------------------------------------------------------------------------
     # questions → vectors → passages
@@ -454,11 +422,8 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                 generation_mode=mode.name,
                 for_generation=True,
             )
-            context_input_ids = batch["context_input_ids"]
-            context_attention_mask = batch["context_attention_mask"]
-            doc_scores = batch["doc_scores"].float()
-            retrieved_ids = batch["retrieved_doc_ids"]
-            passage_lists = batch.passages
+            context_input_ids, context_attention_mask = batch["context_input_ids"], batch["context_attention_mask"]
+            doc_scores, retrieved_ids, passage_lists = batch["doc_scores"], batch["retrieved_doc_ids"], batch.passages
         else:
             if context_attention_mask is None:
                 context_attention_mask = (context_input_ids != self.tokenizer.generator.pad_token_id).long()

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import re
 import string
@@ -39,6 +40,7 @@ __all__ = [
     "load_metric",
     "metric_max_over_ground_truths",
     "metric_path",
+    "metric_script",
     "normalize_answer",
 ]
 
@@ -82,6 +84,19 @@ def load_metric(name: str, **kwargs: Any):
     import evaluate
 
     return evaluate.load(metric_path(name), **kwargs)
+
+
+@functools.cache
+def metric_script(name: str):
+    """The metric script ``name`` imported as a module, for its plain functions (e.g. ``rag_retrieval``'s
+    ``compute_retrieval_metrics``, the one computation of the retrieval metrics that training also uses)."""
+    import importlib.util
+
+    path = os.path.join(metric_path(name), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"modeling_rag.metrics._{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def normalize_answer(text: str) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..metrics import metric_script
 from ..qa_data import QAExample
 from ..utils.similarity import pairwise_scores
 from .data import passage_lookup, passage_texts
@@ -81,16 +82,21 @@ def retrieval_metrics(
     rows = [i for i, g in enumerate(gold) if g]
     if not rows:
         return {"count": 0}
-    q = question_vectors[rows]
-    sc = pairwise_scores(q, passage_vectors, metric)
-    ranks = []
+    sc = pairwise_scores(question_vectors[rows], passage_vectors, metric)
+    # each question's ranking down to its best gold passage: every passage scored above it (best first),
+    # then that passage; the metrics themselves come from the rag_retrieval metric's one computation
+    predictions, references = [], []
     for r, i in enumerate(rows):
-        best = sc[r, list(gold[i])].max()
-        ranks.append(int((sc[r] > best).sum()) + 1)
-    ranks_a = np.asarray(ranks)
-    out = {f"top{k}": float((ranks_a <= k).mean()) for k in ks}
-    out["mrr"] = float((1.0 / ranks_a).mean())
-    out["mean_rank"] = float(ranks_a.mean())
+        gold_positions = list(gold[i])
+        best_gold = gold_positions[int(np.argmax(sc[r, gold_positions]))]
+        above = np.flatnonzero(sc[r] > sc[r, best_gold])
+        above = above[np.argsort(-sc[r, above], kind="stable")]
+        predictions.append([str(p) for p in above] + [str(best_gold)])
+        references.append([str(p) for p in gold_positions])
+    computed = metric_script("rag_retrieval").compute_retrieval_metrics(predictions, references, k_values=ks)
+    out = {f"top{k}": computed[f"top_{k}_accuracy"] for k in ks}
+    out["mrr"] = computed["mrr"]
+    out["mean_rank"] = computed["mean_rank"]
     out["count"] = len(rows)
     return out
 

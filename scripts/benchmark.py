@@ -64,7 +64,10 @@ if __name__ == "__main__":  # only as a script: importing this module (tests) mu
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-DEFAULT_DATA = "/work/shared/data/squad_v1_dev_22articles"
+# the 22-article SQuAD passages shipped with the project (data/README.md)
+DEFAULT_DATA = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "squad_v1_dev_22articles"
+)
 PHASES = ("retrieval", "rag_token", "rag_sequence", "concat", "train")
 
 

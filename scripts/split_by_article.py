@@ -11,10 +11,10 @@ atomically.
 
 Example (the 22 SQuAD articles, four held out, plus the five-article training set)::
 
-    python scripts/split_by_article.py --questions ../shared/data/squad_v1_dev_22articles/questions.jsonl \\
-        --passages ../shared/data/squad_v1_dev_22articles/passages.jsonl --held-out 4 \\
-        --also-train ../shared/data/squad_v2_5articles/train.jsonl \\
-        --also-passages ../shared/data/squad_v2_5articles/passages.jsonl --output-dir data/squad27
+    python scripts/split_by_article.py --questions data/squad_v1_dev_22articles/questions.jsonl \\
+        --passages data/squad_v1_dev_22articles/passages.jsonl --held-out 4 \\
+        --also-train data/squad_v2_5articles/train.jsonl \\
+        --also-passages data/squad_v2_5articles/passages.jsonl --output-dir runs/squad27
 """
 
 from __future__ import annotations

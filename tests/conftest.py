@@ -15,9 +15,31 @@ for _var, _sub in {
     "MODELING_RAG_HOME": "modeling_rag_home",
 }.items():
     os.environ[_var] = os.path.join(_CACHE_ROOT, _sub)
+# Whatever the user's shell exports (HF_HUB_OFFLINE=1 as our model card advises, a real HF_TOKEN, a
+# custom endpoint) must not reach the tests: the local Hub server needs online mode and its own tokens.
+# huggingface_hub reads these once at import, so they are cleared here; `pytest_unconfigure` restores them.
+_USER_ONLY_HUB_VARS = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_TOKEN_PATH",
+    "HF_HUB_ETAG_TIMEOUT",
+    "HF_HUB_DOWNLOAD_TIMEOUT",
+)
+_TEST_HUB_VARS = ("HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_EVALUATE_CACHE")
+_TEST_HUB_VARS += ("HF_MODULES_CACHE", "MODELING_RAG_HOME")
+_USER_HUB_ENV = {name: os.environ.get(name) for name in _USER_ONLY_HUB_VARS + _TEST_HUB_VARS}
+for _var in _USER_ONLY_HUB_VARS:
+    os.environ.pop(_var, None)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+# The small real data sets shipped in the repository (data/README.md gives source and license).
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
 def _free_port() -> int:
@@ -32,6 +54,31 @@ os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    """Gives the process back the Hub environment it had before the tests (for pytest.main callers)."""
+    for name, value in _USER_HUB_ENV.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def _online_hub_environment(monkeypatch):
+    """Every test starts online against the local server, whatever an earlier test or the shell set.
+
+    huggingface_hub keeps ``HF_HUB_OFFLINE`` as a constant read at import, so the constant is set with the
+    variable; a test that wants offline mode sets both itself (monkeypatch restores them afterwards).
+    """
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{HUB_PORT}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
 
 # A small fixed text that the tiny tokenizer is trained on: enough words for the toy tasks.
 TOY_TEXTS = [

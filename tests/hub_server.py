@@ -1,7 +1,7 @@
 """A small Hugging Face Hub-compatible HTTP server for offline tests (standard library only).
 
 It answers what ``huggingface_hub`` (2.x) sends for downloads, uploads and repo management (see
-``/work/shared/HUB_PROTOCOL.md``), storing repos in a folder on disk with real commits:
+the team's Hub protocol notes), storing repos in a folder on disk with real commits:
 
 - every commit is an immutable snapshot (a copy of all its files) named by a 40-hex sha;
 - refs (``main``, other branches, ``refs/pr/N``) point to commits; a revision is a ref or a sha;

@@ -9,7 +9,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "benchmark.py")
-DATA = "/work/shared/data/squad_v1_dev_22articles"
 
 
 def _load_script():
@@ -20,7 +19,6 @@ def _load_script():
     return module
 
 
-@pytest.mark.skipif(not os.path.isdir(DATA), reason="the SQuAD passages of /work/shared are not available")
 def test_tiny_benchmark_reports_both_sides_and_ratios(tmp_path):
     bench = _load_script()
     out = tmp_path / "bench.json"

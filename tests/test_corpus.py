@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+from conftest import DATA_DIR
 
 from modeling_rag.corpus import Document, chunk_documents, chunking_config, passage_text, read_corpus
 from modeling_rag.errors import CorpusError, RagConfigError
@@ -44,10 +45,7 @@ def test_read_jsonl_csv_dataset_and_list(tmp_path):
 
 
 def test_real_squad_passages_load():
-    path = "/work/shared/data/squad_v2_5articles/passages.jsonl"
-    if not os.path.exists(path):
-        pytest.skip("shared data not present")
-    docs = read_corpus(path)
+    docs = read_corpus(os.path.join(DATA_DIR, "squad_v2_5articles", "passages.jsonl"))
     assert len(docs) == 173 and docs[0].id == "Normans-0" and docs[0].title == "Normans"
 
 

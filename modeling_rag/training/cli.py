@@ -221,8 +221,43 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
                 close = difflib.get_close_matches(k, list(actions), n=1)
                 hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise RagConfigError(f"{known.config}: unknown option(s) {', '.join(hints)} for {parser.prog}.")
-        parser.set_defaults(**{k: _coerce(actions[k], v, known.config) for k, v in values.items()})
+        values = resolve_recipe_paths(
+            {k: _coerce(actions[k], v, known.config) for k, v in values.items()}, known.config
+        )
+        parser.set_defaults(**values)
+        args = parser.parse_args(argv)
+        for key in RECIPE_INPUT_PATH_OPTIONS:
+            # a recipe's input file that the command line did not replace must exist
+            value = getattr(args, key, None)
+            if key in values and value == values[key] and not os.path.exists(value):
+                raise RagConfigError(
+                    f"{known.config}: {key}: {value} does not exist (a relative path in a recipe is read from the "
+                    f"recipe's folder). Fix it in the recipe or pass --{key.replace('_', '-')} PATH."
+                )
+        return args
     return parser.parse_args(argv)
+
+
+# Recipe options that name input files: a relative value is read from the recipe's own folder, so that
+# a recipe runs from any working directory. Outputs (`output_dir`) stay relative to where the user runs.
+RECIPE_INPUT_PATH_OPTIONS = ("corpus", "train_file", "dev_file")
+# Options that may be a local folder or a Hub id: resolved against the recipe only where that path exists.
+RECIPE_MODEL_PATH_OPTIONS = ("model", "question_encoder", "generator")
+
+
+def resolve_recipe_paths(values: dict[str, Any], recipe_path: str | os.PathLike) -> dict[str, Any]:
+    """Rewrites the recipe's relative input paths as paths relative to the recipe file's folder."""
+    base = os.path.dirname(os.path.abspath(recipe_path))
+    resolved = dict(values)
+    for key, value in values.items():
+        if not isinstance(value, str) or not value or os.path.isabs(value):
+            continue
+        candidate = os.path.normpath(os.path.join(base, value))
+        if key in RECIPE_INPUT_PATH_OPTIONS:
+            resolved[key] = candidate
+        elif key in RECIPE_MODEL_PATH_OPTIONS and value != "default" and os.path.exists(candidate):
+            resolved[key] = candidate
+    return resolved
 
 
 def require(args: argparse.Namespace, *names: str) -> None:

@@ -509,8 +509,9 @@ class Bench:
     # -- generation
     def count_distinct_hypotheses(self):
         """Records, on our model, how many distinct hypotheses RAG-Sequence decoding rescored (for FLOPs)."""
-        model = self.ours
-        same_hypothesis = type(model)._same_hypothesis
+        import modeling_rag.modes.rag_sequence as rag_sequence  # the RAG-Sequence mode moved out of the model (#18)
+
+        same_hypothesis = rag_sequence.same_hypothesis
         self.distinct_hypotheses = []
 
         def recording(cands):
@@ -518,7 +519,7 @@ class Bench:
             self.distinct_hypotheses.append(int((~torch.tril(same, diagonal=-1).any(-1)).sum()))
             return same
 
-        model._same_hypothesis = recording
+        rag_sequence.same_hypothesis = recording
 
     @torch.no_grad()
     def gen_ours(self, mode):

@@ -544,3 +544,29 @@ def test_gradient_checkpointing_switch_keeps_loss_and_gradients(kind):
     assert grads.keys() == grads_c.keys()
     for name in grads:
         assert torch.allclose(grads[name], grads_c[name], atol=1e-6), name
+
+
+def test_a_checkpoint_pruned_when_the_run_dies_is_not_taken_for_a_checkpoint(tmp_path, monkeypatch):
+    """Pruning renames a checkpoint out of the `step_*` names before deleting it: a run killed while deleting
+    leaves a hidden folder, never a half-deleted `step_N` that resume would pick."""
+    import shutil
+
+    import modeling_rag.training.trainer as trainer
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (root / f"step_{step}").mkdir(parents=True)
+        (root / f"step_{step}" / "trainer_state.json").write_text("{}")
+        (root / f"step_{step}" / "model.safetensors").write_text("weights")
+    real = shutil.rmtree
+
+    def dies_midway(path, *args, **kwargs):
+        if os.path.basename(path).startswith(".old-") and os.path.exists(path):
+            os.remove(os.path.join(path, "trainer_state.json"))
+            raise KeyboardInterrupt  # the process dies with the folder half deleted
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.shutil, "rmtree", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        trainer._discard(str(root / "step_2"))
+    assert trainer.list_checkpoints(str(tmp_path)) == [str(root / "step_4")]

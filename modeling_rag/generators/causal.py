@@ -35,10 +35,10 @@ class CausalRunner(GeneratorRunner):
     def answer_positions(self, labels) -> torch.Tensor | None:
         """Positions whose logits the training loss needs (those predicting an answer token), or None.
 
-        Only in training and for generators whose forward takes `logits_to_keep`; else logits cover
-        every position.
+        Only in training, with `speed.answer_logits_only`, and for generators whose forward takes
+        `logits_to_keep`; else logits cover every position.
         """
-        if labels is None or not self.model.training or not self._keeps_logits():
+        if labels is None or not self.speed.answer_logits_only or not self.model.training or not self._keeps_logits():
             return None
         return (labels[:, 1:] != -100).any(0).nonzero().squeeze(-1)
 

@@ -3,7 +3,7 @@
 RAG-Token decoding with an encoder-decoder generator runs `questions x documents` rows whose contexts
 differ in length (57 to 300 tokens in the benchmark). Decoding every row against the batch's longest
 context wastes the cross-attention's reads (and its key/value projection) on padding, so
-`RagForGeneration` decodes the rows in groups of similar length. But then each decoding step runs the
+the seq2seq generator runner decodes the rows in groups of similar length. But then each decoding step runs the
 decoder and the LM head once per group: at a few dozen rows per group those matrix products are bound
 by reading the weights (the LM head alone is 50k x 768 floats), not by arithmetic.
 
@@ -33,7 +33,8 @@ is an ordinary differentiable op, so gradients are those of the chunk-by-chunk c
 
 It applies to generators whose cross-attention reads a transformers `EncoderDecoderCache` and calls
 the attention interface (the BART family: BART, mBART, Marian, Pegasus, Blenderbot, ...), with the
-``"sdpa"`` implementation. [`grouped_cross_attention_modules`] checks that; other generators keep
+``"sdpa"`` implementation, whose classes `support.GROUPED_CROSS_ATTENTION` lists.
+[`grouped_cross_attention_modules`] checks that; other generators keep
 decoding group by group. Each merged step also checks that every cross-attention module was served by
 the grouped function (a transformers version that bypassed it would otherwise read the stand-in).
 """

@@ -51,6 +51,9 @@ class RagSpeedOptions:
         recompute_activations (`bool`, defaults to `True`):
             In training, BART-family feed-forward layers recompute their activation in the backward pass instead
             of keeping it (`activation_recompute`).
+        answer_logits_only (`bool`, defaults to `True`):
+            In training, a decoder-only generator computes logits only at the positions that predict an answer
+            token (`logits_to_keep`), not over the whole context.
         shared_embedding_lookup (`bool`, defaults to `True`):
             In training over several length chunks, look the token embeddings up once for all chunks, so the
             backward pass writes one dense embedding gradient, not one per chunk.
@@ -64,6 +67,7 @@ class RagSpeedOptions:
     merge_decode_groups: bool = True
     own_scores_max_logits: int = 1 << 27
     recompute_activations: bool = True
+    answer_logits_only: bool = True
     shared_embedding_lookup: bool = True
 
     def __post_init__(self):
@@ -88,6 +92,7 @@ class RagSpeedOptions:
             merge_decode_groups=False,
             own_scores_max_logits=0,
             recompute_activations=False,
+            answer_logits_only=False,
             shared_embedding_lookup=False,
         )
 

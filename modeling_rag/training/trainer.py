@@ -219,13 +219,22 @@ def save_checkpoint(
         if state is not None:
             state.save(tmp)
         if os.path.isdir(final):
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         if total_limit is not None and total_limit > 0:
             for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _discard(folder: str) -> None:
+    """Removes a checkpoint folder: renamed out of the ``step_*`` names first (atomic), then deleted, so a
+    run killed while deleting never leaves a half-deleted folder that resume would take for a checkpoint."""
+    hidden = os.path.join(os.path.dirname(folder), f".old-{os.path.basename(folder)}")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(folder, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def resolve_checkpoint(spec: str | None, output_dir: str) -> str | None:

@@ -294,7 +294,8 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         )
 
     def clear_caches(self) -> None:
-        """Forgets the packer's cache of tokenised passages (e.g. to time tokenisation afresh)."""
+        """Drops the context packer and its cache of tokenised passages; the next call builds it afresh
+        (after a change the packer cannot see, such as the generator's window)."""
         self._packer = None
         self._packer_key = None
 

@@ -40,6 +40,7 @@ from .grouped_decoding import (
     pack_encoder_states,
 )
 from .introspection import forward_source, uses_activation_checkpointing
+from .library_output import quiet_library_output
 from .losses import label_log_probs
 from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource
 from .passage_tokens import tokenizer_fingerprint
@@ -381,7 +382,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
     def tokenize_questions(self, questions: Sequence[str]) -> dict:
         """Question-encoder inputs, truncated to `config.question_max_length` (with a warning)."""
         tok = self.tokenizer.question_encoder
-        ids = tok(list(questions), truncation=False)["input_ids"]
+        ids = tok(list(questions), truncation=False, verbose=False)["input_ids"]  # cut below, with our warning
         limit = min(self.config.question_max_length, generator_window(self.question_encoder.config, tok))
         out = []
         for q, row in zip(questions, ids):
@@ -1581,6 +1582,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
     # construction, saving, loading
     # ---------------------------------------------------------------------------------------------
     @classmethod
+    @quiet_library_output()
     def from_pretrained_question_encoder_generator(
         cls,
         question_encoder_name_or_path: str,
@@ -1620,6 +1622,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             model.set_retriever(retriever)
         return model
 
+    @quiet_library_output()
     def save_pretrained(self, save_directory: str | os.PathLike, *, save_index: bool = True, **kwargs):
         """Saves config, safetensors weights, tokenizers and the index (in `config.index_path`).
 
@@ -1650,6 +1653,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         return push_model_to_hub(self, repo_id, **kwargs)
 
     @classmethod
+    @quiet_library_output()
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,

@@ -23,6 +23,7 @@ from .errors import (  # noqa: E402
     RagConfigError,
     RagError,
     RagInputError,
+    SavedModelError,
 )
 from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource  # noqa: E402
 from .modeling_rag import RagForGeneration, RagPreTrainedModel  # noqa: E402
@@ -62,6 +63,7 @@ __all__ = [
     "ContextOverflowError",
     "IndexMismatchError",
     "IndexIntegrityError",
+    "SavedModelError",
     "CorpusError",
     "DataFormatError",
     "HubError",

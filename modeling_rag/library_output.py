@@ -26,6 +26,16 @@ from collections.abc import Iterator
 
 # loggers of libraries underneath that log routine steps at INFO or DEBUG
 NOISY_LOGGERS = ("bm25s", "faiss", "faiss.loader", "httpx", "urllib3")
+
+
+class _WarningsAndAbove(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+# on the NOISY_LOGGERS in quiet scripts: a logger's filter holds even when its library sets its level
+# again on import (bm25s sets DEBUG)
+QUIET_FILTER = _WarningsAndAbove()
 _state = {"show": False}
 _lock = threading.Lock()
 _depth = {"n": 0, "previous": None}
@@ -87,18 +97,22 @@ def configure_script_output(verbose: bool = False) -> None:
     """Sets up a script's console: our log lines and bars; the libraries' only with ``verbose``.
 
     Quiet (the default): modeling_rag logs at INFO, every other library at WARNING (also those that
-    set their own logger lower, `NOISY_LOGGERS`); transformers logs errors only; transformers, the Hub and datasets show no progress bars. Verbose: INFO for
-    every logger, and the libraries' bars, also inside modeling_rag's calls.
+    set their own logger lower, `NOISY_LOGGERS`); transformers logs errors only; transformers, the
+    Hub and datasets show no progress bars. Verbose: INFO for every logger, and the libraries' bars,
+    also inside modeling_rag's calls.
     """
     logging.basicConfig(
         format="%(levelname)s %(name)s: %(message)s", level=logging.INFO if verbose else logging.WARNING
     )
     logging.getLogger("modeling_rag").setLevel(logging.INFO)
     show_library_output(verbose)
+    for chatty in NOISY_LOGGERS:
+        if verbose:
+            logging.getLogger(chatty).removeFilter(QUIET_FILTER)
+        else:
+            logging.getLogger(chatty).addFilter(QUIET_FILTER)  # adds it once
     if verbose:
         return
-    for chatty in NOISY_LOGGERS:  # bm25s sets its own logger to DEBUG
-        logging.getLogger(chatty).setLevel(logging.WARNING)
     # read when these libraries are imported: set for those not imported yet
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -275,3 +275,4 @@ def _restore_library_output():
     logging.getLogger("modeling_rag").setLevel(ours)
     for name, level in noisy.items():
         logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).removeFilter(library_output.QUIET_FILTER)

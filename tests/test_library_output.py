@@ -93,12 +93,17 @@ def test_a_long_question_gives_our_warning_not_the_tokenizers(corpus, capfd, cap
     assert TOO_LONG in caplog.text + capfd.readouterr().err
 
 
-def test_scripts_are_quiet_unless_verbose(bars_on):
+def test_scripts_are_quiet_unless_verbose(bars_on, caplog):
     configure_script_output(verbose=False)
     assert not hf_logging.is_progress_bar_enabled()
     assert hf_logging.get_verbosity() == logging.ERROR
     assert logging.getLogger("modeling_rag").getEffectiveLevel() == logging.INFO
-    assert logging.getLogger("bm25s").getEffectiveLevel() == logging.WARNING  # it sets itself to DEBUG
+    bm25s_logger = logging.getLogger("bm25s")
+    bm25s_logger.setLevel(logging.DEBUG)  # as `import bm25s` does, also after the script set things up
+    with caplog.at_level(logging.DEBUG):
+        bm25s_logger.debug("Building index from IDs objects")
+        bm25s_logger.warning("a real problem")
+    assert "IDs objects" not in caplog.text and "a real problem" in caplog.text
     configure_script_output(verbose=True)
     calls = []
     hf_logging.set_tqdm_hook(lambda factory, args, kwargs: calls.append(1) or factory(*args, **kwargs))

@@ -23,10 +23,12 @@ from .errors import (  # noqa: E402
     RagConfigError,
     RagError,
     RagInputError,
+    SavedModelError,
 )
 from .inputs import RagBatch  # noqa: E402
 from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource  # noqa: E402
 from .modeling_rag import RagForGeneration, RagPreTrainedModel  # noqa: E402
+from .pipelines import RagQuestionAnsweringPipeline  # noqa: E402  (registers pipeline("rag-question-answering"))
 from .speedups import RagSpeedOptions  # noqa: E402
 from .tokenization_rag import RagTokenizer  # noqa: E402
 
@@ -56,6 +58,7 @@ __all__ = [
     "RagTokenizer",
     "RagSpeedOptions",
     "RagBatch",
+    "RagQuestionAnsweringPipeline",
     "RagOutput",
     "RagGenerateOutput",
     "RagAnswer",
@@ -66,6 +69,7 @@ __all__ = [
     "ContextOverflowError",
     "IndexMismatchError",
     "IndexIntegrityError",
+    "SavedModelError",
     "CorpusError",
     "DataFormatError",
     "HubError",

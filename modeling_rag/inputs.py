@@ -21,6 +21,7 @@ import torch
 from .context import ContextPacker, generator_window, pad_batch
 from .errors import RagConfigError, RagInputError
 from .modes import MODES
+from .text_checks import check_encodable
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def check_questions(questions) -> list[str]:
             raise RagInputError(f"questions[{i}] is a {type(q).__name__}, not a string.")
         if not q.strip():
             raise RagInputError(f"questions[{i}] is empty or only whitespace; give the text of the question.")
+        check_encodable(q, f"questions[{i}]")
     return [q.strip() for q in questions]
 
 
@@ -81,6 +83,7 @@ def _check_answers(answers, n_questions: int) -> list[str] | None:
     for i, a in enumerate(answers):
         if not isinstance(a, str) or not a.strip():
             raise RagInputError(f"answers[{i}] must be a non-empty string.")
+        check_encodable(a, f"answers[{i}]")
     return list(answers)
 
 
@@ -102,6 +105,7 @@ def _check_passages(passages, batch_size: int, mode: str) -> list[list[dict]]:
                 p = {"id": None, "title": "", "text": p}
             elif not isinstance(p, dict) or not isinstance(p.get("text"), str):
                 raise RagInputError(f"passages[{i}] holds an item that is neither a string nor a dict with 'text'.")
+            check_encodable(p["text"], f"A passage of passages[{i}]")
             items.append(p)
         out.append(items)
     if mode != "concat" and len({len(p) for p in out}) != 1:
@@ -153,7 +157,7 @@ def tokenize_questions(model, questions: Sequence[str]) -> dict:
     """Question-encoder inputs, truncated to `config.question_max_length` (with a warning)."""
     tok = model.tokenizer.question_encoder
     config = model.config
-    ids = tok(list(questions), truncation=False)["input_ids"]
+    ids = tok(list(questions), truncation=False, verbose=False)["input_ids"]  # cut below, with our warning
     limit = min(config.question_max_length, generator_window(model.question_encoder.config, tok))
     out = []
     for q, row in zip(questions, ids):

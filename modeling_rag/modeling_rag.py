@@ -35,9 +35,11 @@ from .context import ContextPacker
 from .encoders import encoder_forward, weights_fingerprint
 from .errors import IndexMismatchError, RagConfigError, RagInputError
 from .generators import GeneratorRunner, runner_for
+from .library_output import quiet_library_output
 from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource
 from .modes import MODES, RagMode, RagTokenState
 from .passage_tokens import tokenizer_fingerprint
+from .saved_model import check_saved_model, record_saved_parts
 from .speedups import RagSpeedOptions
 from .tokenization_rag import RagTokenizer
 from .utils.atomic import JOURNAL_NAME, commit_staged_folder, new_staging_folder, recover_interrupted_commit
@@ -513,6 +515,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
     # construction, saving, loading
     # ---------------------------------------------------------------------------------------------
     @classmethod
+    @quiet_library_output()
     def from_pretrained_question_encoder_generator(
         cls,
         question_encoder_name_or_path: str,
@@ -552,6 +555,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             model.set_retriever(retriever)
         return model
 
+    @quiet_library_output()
     def save_pretrained(self, save_directory: str | os.PathLike, *, save_index: bool = True, **kwargs):
         """Saves config, safetensors weights, tokenizers and the index (in `config.index_path`).
 
@@ -565,11 +569,13 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         if os.path.isfile(save_directory):
             raise RagInputError(f"save_pretrained needs a folder, but {save_directory} is a file.")
         staging = new_staging_folder(save_directory)
+        saves_index = save_index and self.retriever is not None and self.config.index_repo_id is None
+        record_saved_parts(self.config, tokenizer=self.tokenizer is not None, index=saves_index)
         try:
             super().save_pretrained(staging, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
-            if save_index and self.retriever is not None and self.config.index_repo_id is None:
+            if saves_index:
                 self.retriever.save(os.path.join(staging, self.config.index_path))
             commit_staged_folder(staging, save_directory)
         finally:
@@ -582,6 +588,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         return push_model_to_hub(self, repo_id, **kwargs)
 
     @classmethod
+    @quiet_library_output()
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
@@ -616,6 +623,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             recover_interrupted_commit(folder)
         if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
             raise OSError(f"{pretrained_model_name_or_path} has no {CONFIG_NAME}; it is not a saved RAG model.")
+        check_saved_model(folder, load_index=load_index)  # a broken folder is refused now, not at the first question
         model = super().from_pretrained(folder, *model_args, **kwargs)
         if os.path.isdir(os.path.join(folder, QUESTION_ENCODER_TOKENIZER_DIR)) and os.path.isdir(
             os.path.join(folder, GENERATOR_TOKENIZER_DIR)

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 import modeling_rag
 from modeling_rag import DataFormatError, RagError, RagForGeneration, RagInputError, load_metric, load_qa_examples
 from modeling_rag.constants import EVAL_RESULTS_NAME, PREDICTIONS_NAME, RECALL_PLOT_NAME, RESULTS_NAME
+from modeling_rag.library_output import configure_script_output
 from modeling_rag.metrics import answer_in_text
 from modeling_rag.utils.atomic import atomic_open, atomic_write_text
 from modeling_rag.utils.chunk_ids import document_id, is_part_of
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "machine; default: torch's choice (or OMP_NUM_THREADS).",
     )
     run.add_argument("--seed", type=int, default=42, help="Random seed; generation is greedy (default: 42).")
+    run.add_argument("--verbose", action="store_true", help="Also show the libraries' own progress bars and notices.")
     run.add_argument(
         "--update-model-card",
         action="store_true",
@@ -784,6 +786,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Command-line entry point; a user error ends the program with a one-line message (exit status 1)."""
     args = parse_args(argv)
+    configure_script_output(verbose=args.verbose)
     try:
         return evaluate(args)
     except RagError as err:

@@ -33,6 +33,7 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> None:
     """Adds the shared options: recipe, model, data, optimisation, Accelerate, checkpoints, tracking."""
     g = parser.add_argument_group("recipe")
     g.add_argument("--config", default=None, help="A YAML recipe of option values (overridden by command-line flags).")
+    g.add_argument("--verbose", action="store_true", help="Also show the libraries' own progress bars and notices.")
     g = parser.add_argument_group("model and data")
     g.add_argument(
         "--model",

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from ..constants import CHECKPOINTS_DIR, TRAIN_LOG_NAME, TRAINER_STATE_NAME
 from ..errors import RagConfigError
+from ..library_output import configure_script_output
 from ..utils.atomic import atomic_write_text
 from .data import EpochSampler, _identity_collate
 
@@ -518,8 +519,8 @@ class Trainer:
             self.accelerator.end_training()
 
 
-def setup_logging(accelerator) -> None:
-    """INFO logging on the main process, warnings elsewhere."""
+def setup_logging(accelerator, verbose: bool = False) -> None:
+    """INFO logging on the main process, warnings elsewhere; the libraries' bars and notices only if `verbose`."""
     import datasets
     import transformers
 
@@ -529,6 +530,7 @@ def setup_logging(accelerator) -> None:
     if accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_warning()
         datasets.utils.logging.set_verbosity_warning()
+        configure_script_output(verbose)
     else:
         logging.getLogger().setLevel(logging.ERROR)
         transformers.utils.logging.set_verbosity_error()

@@ -100,7 +100,7 @@ class RagRetriever:
         retrieval: str = "dense",
         fusion: str = "weighted",
         rrf_k: int = 60,
-        hybrid_alpha: float = 0.6,
+        hybrid_alpha: float = 0.55,
         fusion_normalization: str = "zscore",
         fusion_depth: int = 100,
         passage_tokens: PassageTokens | None = None,

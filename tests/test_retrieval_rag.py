@@ -71,11 +71,11 @@ def test_weighted_fusion_zscores_each_side(crafted):
     z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
     expected = {}
     for rid, s in zip(d_ids[0], z(d_scores[0].astype(np.float64))):
-        expected[int(rid)] = 0.6 * s
+        expected[int(rid)] = 0.7 * s
     for rid, s in zip(b_ids[0], z(b_scores[0].astype(np.float64))):
-        expected[int(rid)] += 0.4 * s
+        expected[int(rid)] += 0.3 * s
     top = sorted(expected, key=lambda r: -expected[r])
-    out = RagRetriever(index, bm25, retrieval="hybrid").retrieve(QUERY, 5, questions=QUESTION)
+    out = RagRetriever(index, bm25, retrieval="hybrid", hybrid_alpha=0.7).retrieve(QUERY, 5, questions=QUESTION)
     assert out.row_ids[0].tolist() == top
     np.testing.assert_allclose(out.doc_scores[0], [expected[r] for r in top], rtol=1e-5)
 

@@ -225,3 +225,20 @@ def test_broken_reranker_folders(tmp_path, reranker):
     (tmp_path / "rr" / "reranker_config.json").write_text('{"format_version": 99}')
     with pytest.raises(RagConfigError, match="format_version"):
         CrossEncoderReranker.load(tmp_path / "rr")
+
+
+def test_the_reranker_travels_over_the_hub(tmp_path, hub_token, fresh_hf_cache):
+    import uuid
+
+    from modeling_rag import RagForGeneration
+
+    model = tiny_rag_with_reranker(tmp_path)
+    model.set_reranker(adapter_reranker(tmp_path))
+    before = model.retrieve([QUESTION, "Who was Rollo?"])
+    repo = f"test-org/rerank-{uuid.uuid4().hex[:8]}"
+    model.push_to_hub(repo, token=hub_token)
+    loaded = RagForGeneration.from_pretrained(repo, cache_dir=fresh_hf_cache)
+    assert loaded.reranker is not None and loaded.reranker.adapter_files is not None
+    after = loaded.retrieve([QUESTION, "Who was Rollo?"])
+    assert after.row_ids.tolist() == before.row_ids.tolist()
+    np.testing.assert_allclose(after.doc_scores, before.doc_scores, rtol=1e-4)

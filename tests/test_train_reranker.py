@@ -120,3 +120,19 @@ def test_training_saves_an_adapter_and_the_model_with_it(setup, tmp_path):
         model.encode_questions(**model.tokenize_questions([q])).detach().numpy(), model.config.n_candidates, [q]
     )
     assert model.retrieve([q]).row_ids.tolist() == alone.rerank([q], first, model.config.n_docs).row_ids.tolist()
+
+
+def test_first_stage_built_from_a_corpus(setup):
+    """Without --model, the first stage is a hybrid retriever over --corpus with --question-encoder."""
+    script = _script()
+    from modeling_rag.training import load_training_examples
+
+    argv = ["--question-encoder", str(setup / "base"), "--corpus", str(setup / "passages.jsonl"), "--mining-top-k", "6"]
+    args = script.parse_args(script.get_parser(), argv)
+    first_stage = script.FirstStage(args)
+    assert first_stage.model is None and first_stage.retriever.retrieval == "hybrid"
+    assert first_stage.retriever.n_passages == len(TINY_PASSAGES)
+    examples = load_training_examples(str(setup / "train.jsonl"))
+    rows = script.mine(first_stage, examples, args)
+    assert [r["positive"]["id"] for r in rows] == [gold for _, _, gold in QUESTIONS]
+    assert all(n["id"] != r["positive"]["id"] for r in rows for n in r["negatives"])

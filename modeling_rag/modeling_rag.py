@@ -214,6 +214,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             context_encoder = AutoModel.from_config(config.context_encoder)
         self.context_encoder = context_encoder
         self.retriever = None
+        self.reranker = None  # a CrossEncoderReranker (not a submodule: it saves into config.reranker)
         self.tokenizer = None
         self._packer = None
         self._packer_key = None
@@ -443,7 +444,18 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             embeddings = self.encode_questions(**enc).float().cpu().numpy()
             if not np.isfinite(embeddings).all():
                 raise RagInputError("The question encoder produced NaN or infinite vectors; check its weights.")
+        self.retriever.use_fusion_settings(self.config)  # the config is where a model keeps them
+        if self.reranker is not None:
+            from .reranker import retrieve_and_rerank
+
+            return retrieve_and_rerank(self, embeddings, questions, n_docs)
         return self.retriever.retrieve(embeddings, n_docs, questions=questions)
+
+    def set_reranker(self, reranker) -> None:
+        """Attaches a [`CrossEncoderReranker`] (or detaches with `None`); it is saved in `config.reranker`."""
+        from .reranker import attach_reranker
+
+        attach_reranker(self, reranker)
 
     def _check_n_docs(self, n_docs):
         n_docs = self.config.n_docs if n_docs is None else n_docs
@@ -1649,6 +1661,8 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                 self.tokenizer.save_pretrained(staging)
             if saves_index:
                 self.retriever.save(os.path.join(staging, self.config.index_path))
+            if self.reranker is not None:
+                self.reranker.save(os.path.join(staging, self.config.reranker))
             commit_staged_folder(staging, save_directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -1701,6 +1715,10 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             os.path.join(folder, GENERATOR_TOKENIZER_DIR)
         ):
             model.set_tokenizer(RagTokenizer.from_pretrained(folder))
+        if model.config.reranker is not None:
+            from .reranker import load_model_reranker
+
+            load_model_reranker(model, folder)
         if load_index:
             model._load_index(
                 folder,

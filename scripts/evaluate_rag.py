@@ -126,6 +126,38 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the model's config.retrieval. A missing BM25 index is built from the index's passages.",
     )
 
+    model.add_argument(
+        "--fusion",
+        choices=("weighted", "rrf"),
+        default=None,
+        help="How hybrid retrieval fuses the dense and BM25 rankings; default: the model's config.fusion.",
+    )
+    model.add_argument(
+        "--hybrid-alpha",
+        type=float,
+        default=None,
+        help="Weight of the dense score in weighted fusion (0..1); default: config.hybrid_alpha.",
+    )
+    model.add_argument(
+        "--fusion-normalization",
+        choices=("zscore", "minmax"),
+        default=None,
+        help="Per-query score normalisation of weighted fusion; default: config.fusion_normalization.",
+    )
+    model.add_argument(
+        "--reranker",
+        default=None,
+        help="A saved cross-encoder reranker folder (scripts/train_reranker.py) to rerank the first stage with, "
+        "or 'none' to evaluate without the model's reranker; default: the model's own (config.reranker).",
+    )
+    model.add_argument(
+        "--n-candidates",
+        type=positive_int,
+        default=None,
+        help="First-stage passages the reranker scores per question (at least max(--k-values) and --n-docs); "
+        "default: config.n_candidates.",
+    )
+
     data = parser.add_argument_group("questions")
     source = data.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -400,6 +432,17 @@ def prepare_retriever(
         retriever.rebuild_bm25()
     retriever.retrieval = mode
     model.config.retrieval = mode
+    for name in ("fusion", "hybrid_alpha", "fusion_normalization", "n_candidates"):
+        if getattr(args, name) is not None:
+            setattr(model.config, name, getattr(args, name))
+    if args.reranker is not None:
+        if args.reranker.lower() == "none":
+            model.set_reranker(None)
+        else:
+            from modeling_rag.reranker import CrossEncoderReranker
+
+            model.set_reranker(CrossEncoderReranker.load(args.reranker))
+    model.config.validate_rag()
     index = retriever.index
     facts = {
         "count": index.count,
@@ -408,6 +451,11 @@ def prepare_retriever(
         "encoder_name": index.encoder_name,
         "chunking": index.chunking,
         "bm25": retriever.bm25 is not None,
+        "fusion": {
+            k: getattr(model.config, k) for k in ("fusion", "hybrid_alpha", "fusion_normalization", "fusion_depth")
+        },
+        "reranker": repr(model.reranker) if model.reranker is not None else None,
+        "n_candidates": model.config.n_candidates if model.reranker is not None else None,
         "built_from": args.passages,
         "build_seconds": built_seconds,
     }
@@ -739,10 +787,17 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     args.generation_mode = args.generation_mode or model.config.generation_mode
     args.max_new_tokens = args.max_new_tokens or model.config.max_new_tokens
     depth = max(max(args.k_values), args.n_docs)
+    if model.reranker is not None and model.config.n_candidates < depth:
+        raise RagInputError(
+            f"The reranker orders n_candidates={model.config.n_candidates} passages per question, fewer than the "
+            f"{depth} the metrics need (max of --k-values and --n-docs); pass --n-candidates {depth} or smaller "
+            "--k-values."
+        )
 
     accelerator.print(
         f"Evaluating {len(examples)} questions on {accelerator.num_processes} process(es), {retriever_mode} "
         f"retrieval of {depth} passages over {index_facts['count']}"
+        + ("" if model.reranker is None else f", reranking {model.config.n_candidates} candidates")
         + ("" if args.retriever_only else f", generating from {args.n_docs} ({args.generation_mode})")
     )
     with torch.no_grad():

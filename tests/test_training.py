@@ -26,6 +26,7 @@ SCRIPTS = {
     "retriever": "train_retriever.py",
     "generator": "train_generator.py",
     "rag": "train_rag.py",
+    "reranker": "train_reranker.py",
 }
 
 QUESTIONS = [

@@ -495,6 +495,14 @@ def gold_positions(example: QAExample, by_id: dict[str, int], passages: list[dic
     return sorted(set(out))
 
 
+def negative_positions(example: QAExample, by_id: dict[str, int], passages: list[dict]) -> list[int]:
+    """Positions of the example's hard-negative passages in `passages` (chunks of those documents included)."""
+    out: list[int] = []
+    for pid in example.hard_negative_passage_ids:
+        out.extend(positions_of(pid, by_id, passages))
+    return sorted(set(out))
+
+
 def retrieval_metrics(
     question_vectors: np.ndarray,
     passage_vectors: np.ndarray,

@@ -544,3 +544,38 @@ def test_gradient_checkpointing_switch_keeps_loss_and_gradients(kind):
     assert grads.keys() == grads_c.keys()
     for name in grads:
         assert torch.allclose(grads[name], grads_c[name], atol=1e-6), name
+
+
+def test_generator_trains_a_reader_on_unanswerable_questions_and_saves_its_adapter(tiny, tmp_path):
+    """Unanswerable questions are trained towards the no-answer response; the adapter is saved as a reader."""
+    unanswerable = _write_jsonl(
+        tmp_path / "unanswerable.jsonl",
+        [
+            {"question": "Who was the king of Italy?", "answers": [], "asked_about_passage_id": "italy"},
+            {"question": "How many phones are there?", "answers": [], "asked_about_passage_id": "phones"},
+        ],
+    )
+    out = tmp_path / "out"
+    result = _script("generator").main(
+        [
+            *("--model", tiny["model"], "--train-file", tiny["train"], "--output-dir", str(out), "--cpu"),
+            *("--unanswerable-file", unanswerable, "--include-gold-passage", "--no-answer-text", "No idea."),
+            *("--lora", "--lora-r", "4", "--save-adapter", str(tmp_path / "reader"), "--batch-size", "5"),
+            *("--max-train-steps", "2", "--logging-steps", "1", "--n-docs", "2"),
+        ]
+    )
+    assert [s for s, _ in _losses(out)] == [1, 2] and "history" in result
+    from modeling_rag.readers import read_reader_config
+
+    config = read_reader_config(tmp_path / "reader")
+    assert config["settings"]["no_answer_text"] == "No idea." and config["settings"]["n_docs"] == 2
+    assert config["notes"]["answerable_questions"] == len(QUESTIONS) and config["notes"]["unanswerable_questions"] == 2
+    from modeling_rag import RagForGeneration
+
+    saved = RagForGeneration.from_pretrained(out / "final")
+    assert saved.config.no_answer_text == "No idea."
+    with pytest.raises(RagConfigError, match="--lora"):
+        _script("generator").main(
+            ["--model", tiny["model"], "--train-file", tiny["train"], "--output-dir", str(tmp_path / "x")]
+            + ["--save-adapter", str(tmp_path / "r2"), "--cpu"]
+        )

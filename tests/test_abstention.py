@@ -161,3 +161,40 @@ def test_streamer_receives_the_answer_as_it_is_generated():
     assert "".join(pieces).strip() == result["a"][0].answer
     with pytest.raises(RagInputError, match="one question"):
         model.answer(QUESTIONS, passages=PASSAGES, streamer=streamer)
+
+
+def test_calibrate_script_writes_the_rule_into_the_model_and_reader(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("calibrate", os.path.join(root, "scripts", "calibrate_abstention.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    model = make_tiny_rag("gpt2", "concat", max_new_tokens=4, n_docs=2)
+    corpus = tmp_path / "passages.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in TINY_PASSAGES))
+    model.build_index(str(corpus), show_progress=False)
+    model.save_pretrained(tmp_path / "m")
+    answerable = tmp_path / "a.jsonl"
+    answerable.write_text(
+        "".join(json.dumps({"question": q, "answers": [a]}) + "\n" for q, a in [(QUESTIONS[0], "Rollo")] * 3)
+        + json.dumps({"question": QUESTIONS[1], "answers": ["Paris"]})
+        + "\n"
+    )
+    unanswerable = tmp_path / "u.jsonl"
+    unanswerable.write_text("".join(json.dumps({"question": q, "answers": []}) + "\n" for q in ["Why?", "Who won?"]))
+    rule = script.main(
+        [
+            *("--model", str(tmp_path / "m"), "--answerable", str(answerable), "--unanswerable", str(unanswerable)),
+            *("--max-false-abstention", "0.25", "--output", str(tmp_path / "fit.json"), "--batch-size", "2"),
+        ]
+    )
+    loaded = RagForGeneration.from_pretrained(tmp_path / "m")
+    assert loaded.config.abstention == rule
+    assert rule["dev_metrics"]["answerable"] == 4 and rule["dev_metrics"]["unanswerable"] == 2
+    assert rule["dev_metrics"]["answerable_abstained"] <= 0.25
+    dump = json.loads((tmp_path / "fit.json").read_text())
+    assert len(dump["answerable"]) == 4 and set(dump["answerable"][0]) == set(ABSTENTION_FEATURES)

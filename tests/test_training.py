@@ -26,6 +26,7 @@ SCRIPTS = {
     "retriever": "train_retriever.py",
     "generator": "train_generator.py",
     "rag": "train_rag.py",
+    "reader": "train_generator.py",  # the shipped reader's recipe
 }
 
 QUESTIONS = [
@@ -139,8 +140,12 @@ def test_recipe_drives_its_script(config, tiny, tmp_path):
         "--logging-steps",
         "1",
     ]
-    if name == "generator":
+    if name in ("generator", "reader"):
         argv += ["--retrieval-cache", str(tmp_path / "retrieval.json"), "--eval-max-new-tokens", "3"]
+    if name == "reader":
+        unanswerable = [{"question": "Who was the king of Italy?", "answers": [], "asked_about_passage_id": "italy"}]
+        argv += ["--unanswerable-file", _write_jsonl(tmp_path / "u.jsonl", unanswerable)]
+        argv += ["--save-adapter", str(tmp_path / "adapter"), "--lora-r", "4", "--max-dev-examples", "2"]
     if name == "rag":
         argv += ["--eval-max-new-tokens", "3", "--max-dev-examples", "2"]
     result = script.main(argv)
@@ -153,8 +158,12 @@ def test_recipe_drives_its_script(config, tiny, tmp_path):
 
     saved = RagForGeneration.from_pretrained(out / "final")  # index included and verified
     assert saved.retriever is not None
-    if name == "generator":
+    if name in ("generator", "reader"):
         assert saved.config.n_docs == 3 and os.path.isfile(tmp_path / "retrieval.json")
+    if name == "reader":
+        from modeling_rag.readers import read_reader_config
+
+        assert read_reader_config(tmp_path / "adapter")["settings"]["n_docs"] == 3
     if name == "rag":
         assert saved.config.generation_mode == "rag_sequence"
 
@@ -167,7 +176,7 @@ def test_recipe_finds_its_data_from_any_working_directory(config, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     name = os.path.splitext(os.path.basename(config))[0]
     args = parse_args(_script(name).get_parser(), ["--config", os.path.relpath(config, tmp_path)])
-    for key in ("corpus", "train_file", "dev_file"):
+    for key in ("corpus", "train_file", "dev_file") + (("unanswerable_file",) if name == "reader" else ()):
         assert os.path.isabs(getattr(args, key)) and os.path.isfile(getattr(args, key)), key
         assert os.path.commonpath([getattr(args, key), ROOT]) == ROOT  # the repository's own data
     passage_ids = {doc.id for doc in read_corpus(args.corpus)}

@@ -23,9 +23,11 @@ from .errors import (  # noqa: E402
     RagConfigError,
     RagError,
     RagInputError,
+    SavedModelError,
 )
 from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource  # noqa: E402
 from .modeling_rag import RagForGeneration, RagPreTrainedModel  # noqa: E402
+from .pipelines import RagQuestionAnsweringPipeline  # noqa: E402  (registers pipeline("rag-question-answering"))
 from .tokenization_rag import RagTokenizer  # noqa: E402
 
 _LAZY = {
@@ -52,6 +54,7 @@ __all__ = [
     "RagForGeneration",
     "RagPreTrainedModel",
     "RagTokenizer",
+    "RagQuestionAnsweringPipeline",
     "RagOutput",
     "RagGenerateOutput",
     "RagAnswer",
@@ -62,6 +65,7 @@ __all__ = [
     "ContextOverflowError",
     "IndexMismatchError",
     "IndexIntegrityError",
+    "SavedModelError",
     "CorpusError",
     "DataFormatError",
     "HubError",

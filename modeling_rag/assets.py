@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from .constants import CONFIG_NAME, DEFAULT_HOME, DEFAULT_HOME_ENV, SAFE_WEIGHTS_NAME
 from .errors import IndexIntegrityError, RagConfigError, RagError
+from .library_output import library_output_shown
 
 __all__ = [
     "DEFAULT_QUESTION_ENCODER",
@@ -402,7 +403,8 @@ def _convert(gguf_path: Path, digest: str, target: Path, show_progress: bool) ->
     tmp.mkdir()
     try:
         start = time.perf_counter()
-        with _progress_bars(show_progress):
+        # our lines say what is happening; the libraries' bars only on request (see library_output)
+        with _progress_bars(show_progress and library_output_shown()):
             tokenizer, gguf_model = _load_gguf(gguf_path)
             model = _to_plain_model(gguf_model)
             del gguf_model
@@ -434,7 +436,8 @@ def default_generator_path(show_progress: bool = True) -> str:
     once into bf16 safetensors with the tokenizer and chat template.
 
     Args:
-        show_progress: print what is being done (to stderr) and show transformers' progress bars.
+        show_progress: print what is being done (to stderr); transformers' progress bars also show when
+            `library_output.show_library_output()` is on (a script's ``--verbose``).
 
     Raises:
         MissingAssetError: the GGUF file is not installed.

@@ -161,6 +161,12 @@ class RagConfig(PretrainedConfig):
             The revision of `index_repo_id` to load (a branch, tag or commit sha).
         index_repo_type (`str`, defaults to `"dataset"`):
             Repo type of `index_repo_id`.
+        saved_with_tokenizer (`bool`, defaults to `False`):
+            Set by `save_pretrained`: the folder holds both tokenizers (`question_encoder_tokenizer/`,
+            `generator_tokenizer/`). `from_pretrained` refuses a folder that says so and lacks one.
+        saved_with_index (`bool`, defaults to `False`):
+            Set by `save_pretrained`: the folder holds the index in `index_path`. `from_pretrained`
+            refuses a folder that says so and lacks it (unless called with `load_index=False`).
         loss_reduction (`str`, defaults to `"mean"`):
             `"mean"` over questions or `"sum"`.
         label_smoothing (`float`, defaults to 0.0):
@@ -207,6 +213,8 @@ class RagConfig(PretrainedConfig):
     index_repo_id: str | None = None
     index_revision: str | None = None
     index_repo_type: str = "dataset"
+    saved_with_tokenizer: bool = False
+    saved_with_index: bool = False
     loss_reduction: str = "mean"
     label_smoothing: float = 0.0
     no_answer_text: str = DEFAULT_NO_ANSWER_TEXT

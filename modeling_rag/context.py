@@ -115,7 +115,8 @@ class ContextPacker:
     def _encode(self, text: str) -> list[int]:
         if not text:
             return []
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # verbose=False: the packer cuts texts to its budget itself, so the too-long notice does not apply
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def _special_tokens(self) -> tuple[list[int], list[int]]:
         """The ids the tokenizer adds around a text by default (e.g. BOS for Llama, </s> for T5)."""
@@ -185,7 +186,7 @@ class ContextPacker:
             missing[key] = text
         if not missing:
             return
-        encoded = self.tokenizer(list(missing.values()), add_special_tokens=False)["input_ids"]
+        encoded = self.tokenizer(list(missing.values()), add_special_tokens=False, verbose=False)["input_ids"]
         for key, ids in zip(missing, encoded):
             self._remember(self._text_cache, key, list(ids))
 

@@ -233,7 +233,8 @@ def default_chunk_size(tokenizer: Any) -> int:
 def _token_spans(text: str, tokenizer: Any) -> list[tuple[int, int]]:
     """Character spans of the tokens of `text` (no special tokens)."""
     try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        # a whole document, longer than the model reads: it is cut into chunks here, so no too-long notice
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         offsets = enc["offset_mapping"]
     except (NotImplementedError, TypeError, ValueError, KeyError):
         offsets = None

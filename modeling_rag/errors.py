@@ -29,6 +29,10 @@ class IndexIntegrityError(RagError, OSError):
     """An index or model folder is missing files, half-written, or fails its checksums."""
 
 
+class SavedModelError(RagError, OSError):
+    """A saved model folder lacks a part its config names (a tokenizer, the index) or holds a damaged weights file."""
+
+
 class CorpusError(RagError, ValueError):
     """A corpus cannot be read or holds nothing to index."""
 

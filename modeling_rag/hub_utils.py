@@ -434,8 +434,9 @@ def push_saved_model_to_hub(
 ) -> str:
     """Publish a folder written by ``RagForGeneration.save_pretrained`` in one commit, with a model card.
 
-    The folder is checked first (config, safetensors weights, no interrupted save) and copied, so the
-    card is written into the copy and your folder is left as it is. Arguments as [`push_model_to_hub`].
+    The folder is checked first (config, safetensors weights, no interrupted save, every part its config
+    names: see `saved_model.check_saved_model`) and copied, so the card is written into the copy and
+    your folder is left as it is. Arguments as [`push_model_to_hub`].
     """
     from .atomic import JOURNAL_NAME
     from .constants import CONFIG_NAME, SAFE_WEIGHTS_NAME
@@ -451,6 +452,9 @@ def push_saved_model_to_hub(
             f"{src} holds an interrupted save; load it once with RagForGeneration.from_pretrained (which restores "
             "the previous files) or save it again, then push."
         )
+    from .saved_model import check_saved_model
+
+    check_saved_model(str(src))  # a folder that would be refused at load is not published either
     with tempfile.TemporaryDirectory(prefix="modeling_rag_push_") as tmp:
         staged = os.path.join(tmp, "model")
         shutil.copytree(src, staged, ignore=shutil.ignore_patterns(".staging-*", ".backup-*", ".*.tmp-*"))

@@ -22,6 +22,7 @@ import numpy as np
 
 from .corpus import passage_text
 from .errors import IndexIntegrityError, RagInputError
+from .library_output import library_output_shown
 
 BM25_CONFIG_NAME = "bm25_config.json"
 BM25_ROW_IDS_NAME = "row_ids.npy"
@@ -60,11 +61,13 @@ class BM25Index:
         ids = np.asarray(list(row_ids), dtype=np.int64)
         if len(ids) != len(passages):
             raise RagInputError(f"Got {len(ids)} row ids for {len(passages)} passages; they must match one to one.")
+        # bm25s' own bars ("Split strings", "BM25S Count Tokens") sit beside ours: only on request
+        bars = show_progress and library_output_shown()
         tokens = bm25s.tokenize(
-            [passage_text(p) for p in passages], stopwords=stopwords, show_progress=show_progress, allow_empty=True
+            [passage_text(p) for p in passages], stopwords=stopwords, show_progress=bars, allow_empty=True
         )
         model = bm25s.BM25(k1=k1, b=b)
-        model.index(tokens, show_progress=show_progress)
+        model.index(tokens, show_progress=bars)
         return cls(model, ids, stopwords=stopwords)
 
     @property

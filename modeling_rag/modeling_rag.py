@@ -40,9 +40,12 @@ from .grouped_decoding import (
     pack_encoder_states,
 )
 from .introspection import forward_source, uses_activation_checkpointing
+from .library_output import quiet_library_output
 from .losses import label_log_probs
 from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource
 from .passage_tokens import tokenizer_fingerprint
+from .saved_model import check_saved_model, record_saved_parts
+from .text_checks import check_encodable
 from .tokenization_rag import RagTokenizer
 
 logger = logging.getLogger(__name__)
@@ -381,7 +384,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
     def tokenize_questions(self, questions: Sequence[str]) -> dict:
         """Question-encoder inputs, truncated to `config.question_max_length` (with a warning)."""
         tok = self.tokenizer.question_encoder
-        ids = tok(list(questions), truncation=False)["input_ids"]
+        ids = tok(list(questions), truncation=False, verbose=False)["input_ids"]  # cut below, with our warning
         limit = min(self.config.question_max_length, generator_window(self.question_encoder.config, tok))
         out = []
         for q, row in zip(questions, ids):
@@ -415,6 +418,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                 raise RagInputError(f"questions[{i}] is a {type(q).__name__}, not a string.")
             if not q.strip():
                 raise RagInputError(f"questions[{i}] is empty or only whitespace; give the text of the question.")
+            check_encodable(q, f"questions[{i}]")
         return [q.strip() for q in questions]
 
     @torch.no_grad()
@@ -483,6 +487,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             for i, a in enumerate(answers):
                 if not isinstance(a, str) or not a.strip():
                     raise RagInputError(f"answers[{i}] must be a non-empty string.")
+                check_encodable(a, f"answers[{i}]")
         batch: dict = {}
         enc = self.tokenize_questions(questions)
         batch.update(enc)
@@ -560,6 +565,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                     p = {"id": None, "title": "", "text": p}
                 elif not isinstance(p, dict) or not isinstance(p.get("text"), str):
                     raise RagInputError(f"passages[{i}] holds an item that is neither a string nor a dict with 'text'.")
+                check_encodable(p["text"], f"A passage of passages[{i}]")
                 items.append(p)
             out.append(items)
         if mode != "concat" and len({len(p) for p in out}) != 1:
@@ -1612,6 +1618,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
     # construction, saving, loading
     # ---------------------------------------------------------------------------------------------
     @classmethod
+    @quiet_library_output()
     def from_pretrained_question_encoder_generator(
         cls,
         question_encoder_name_or_path: str,
@@ -1665,6 +1672,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             model.set_retriever(retriever)
         return model
 
+    @quiet_library_output()
     def save_pretrained(self, save_directory: str | os.PathLike, *, save_index: bool = True, **kwargs):
         """Saves config, safetensors weights, tokenizers and the index (in `config.index_path`).
 
@@ -1678,11 +1686,13 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         if os.path.isfile(save_directory):
             raise RagInputError(f"save_pretrained needs a folder, but {save_directory} is a file.")
         staging = new_staging_folder(save_directory)
+        saves_index = save_index and self.retriever is not None and self.config.index_repo_id is None
+        record_saved_parts(self.config, tokenizer=self.tokenizer is not None, index=saves_index)
         try:
             super().save_pretrained(staging, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
-            if save_index and self.retriever is not None and self.config.index_repo_id is None:
+            if saves_index:
                 self.retriever.save(os.path.join(staging, self.config.index_path))
             commit_staged_folder(staging, save_directory)
         finally:
@@ -1695,6 +1705,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         return push_model_to_hub(self, repo_id, **kwargs)
 
     @classmethod
+    @quiet_library_output()
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
@@ -1729,6 +1740,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             recover_interrupted_commit(folder)
         if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
             raise OSError(f"{pretrained_model_name_or_path} has no {CONFIG_NAME}; it is not a saved RAG model.")
+        check_saved_model(folder, load_index=load_index)  # a broken folder is refused now, not at the first question
         model = super().from_pretrained(folder, *model_args, **kwargs)
         if os.path.isdir(os.path.join(folder, QUESTION_ENCODER_TOKENIZER_DIR)) and os.path.isdir(
             os.path.join(folder, GENERATOR_TOKENIZER_DIR)

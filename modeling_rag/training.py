@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Sampler
 from .atomic import atomic_write_text
 from .constants import CHECKPOINTS_DIR, FINAL_MODEL_DIR, TRAIN_LOG_NAME, TRAINER_STATE_NAME
 from .errors import DataFormatError, RagConfigError, RagInputError
+from .library_output import configure_script_output
 from .qa_data import QAExample, check_passage_ids, load_qa_examples
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> None:
     """Adds the shared options: recipe, model, data, optimisation, Accelerate, checkpoints, tracking."""
     g = parser.add_argument_group("recipe")
     g.add_argument("--config", default=None, help="A YAML recipe of option values (overridden by command-line flags).")
+    g.add_argument("--verbose", action="store_true", help="Also show the libraries' own progress bars and notices.")
     g = parser.add_argument_group("model and data")
     g.add_argument(
         "--model",
@@ -1153,8 +1155,8 @@ def enable_gradient_checkpointing(*modules) -> None:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def setup_logging(accelerator) -> None:
-    """INFO logging on the main process, warnings elsewhere."""
+def setup_logging(accelerator, verbose: bool = False) -> None:
+    """INFO logging on the main process, warnings elsewhere; the libraries' bars and notices only if `verbose`."""
     import datasets
     import transformers
 
@@ -1164,6 +1166,7 @@ def setup_logging(accelerator) -> None:
     if accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_warning()
         datasets.utils.logging.set_verbosity_warning()
+        configure_script_output(verbose)
     else:
         logging.getLogger().setLevel(logging.ERROR)
         transformers.utils.logging.set_verbosity_error()

@@ -24,6 +24,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from modeling_rag.encoders import clear_shard_dir
 from modeling_rag.errors import RagError, RagInputError
+from modeling_rag.library_output import configure_script_output
 from modeling_rag.passage_tokens import tokenizer_fingerprint
 from modeling_rag.retrieval_rag import RagRetriever
 
@@ -56,11 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="local folder (or cached id) of the generator's tokenizer: store the passages' token ids with the "
         "index, so a model answering from it never tokenises a passage (see modeling_rag/passage_tokens.py)",
     )
+    parser.add_argument("--verbose", action="store_true", help="also show the libraries' own progress bars and notices")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_script_output(verbose=args.verbose)
     accelerator = Accelerator(cpu=args.cpu)
     work_dir = args.work_dir or os.path.normpath(args.output) + ".build"
     try:

@@ -22,6 +22,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from modeling_rag.library_output import configure_script_output
+
 SAMPLE_QUESTIONS = [
     "What is our company's mobile phone policy?",
     "How many days of annual leave do employees get?",
@@ -95,6 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="Confidence below which the model says the documents don't answer; default: the model's calibrated "
         "threshold (0: only when the reader itself says so).",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Also show the libraries' own progress bars and notices (transformers, huggingface_hub, bm25s).",
     )
     return parser.parse_args(argv)
 
@@ -255,21 +262,29 @@ def set_threads(value: str) -> int:
 
 
 def main(argv=None) -> int:
+    from modeling_rag import RagInputError
+
     args = parse_args(argv)
+    configure_script_output(verbose=args.verbose)
     set_threads(args.num_threads)
     model = build_or_load(args)
     overrides = {"n_docs": args.n_docs, "generation_mode": args.generation_mode, "max_new_tokens": args.max_new_tokens}
 
     overrides["abstention_threshold"] = args.abstention_threshold
 
-    def ask(question: str) -> None:
+    def ask(question: str) -> bool:
         t0 = time.perf_counter()
-        if args.no_stream:
-            result = model.answer([question], **overrides)[0]
-            print_answer(result, args.show_passages, time.perf_counter() - t0)
-            return
-        result, first_token = answer_streaming(model, question, overrides, t0)
+        try:
+            if args.no_stream:
+                result = model.answer([question], **overrides)[0]
+                print_answer(result, args.show_passages, time.perf_counter() - t0)
+                return True
+            result, first_token = answer_streaming(model, question, overrides, t0)
+        except RagInputError as err:  # e.g. a question too long for the generator: say so, no traceback
+            print(f"error: {err}", file=sys.stderr)
+            return False
         print_answer(result, args.show_passages, time.perf_counter() - t0, streamed=True, first_token=first_token)
+        return True
 
     if args.interactive:
         print("Ask a question (Ctrl-D to quit).")
@@ -286,7 +301,8 @@ def main(argv=None) -> int:
         if not question.strip():
             print("error: a question is empty; type the question text.", file=sys.stderr)
             return 2
-        ask(question)
+        if not ask(question):
+            return 2
     return 0
 
 

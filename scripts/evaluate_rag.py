@@ -69,6 +69,7 @@ from modeling_rag.constants import (
     RESULTS_NAME,
     RISK_COVERAGE_PLOT_NAME,
 )
+from modeling_rag.library_output import configure_script_output
 from modeling_rag.metrics import answer_in_text
 
 RETRIEVERS = ("dense", "bm25", "hybrid")
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "machine; default: torch's choice (or OMP_NUM_THREADS).",
     )
     run.add_argument("--seed", type=int, default=42, help="Random seed; generation is greedy (default: 42).")
+    run.add_argument("--verbose", action="store_true", help="Also show the libraries' own progress bars and notices.")
     run.add_argument(
         "--update-model-card",
         action="store_true",
@@ -938,6 +940,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Command-line entry point; a user error ends the program with a one-line message (exit status 1)."""
     args = parse_args(argv)
+    configure_script_output(verbose=args.verbose)
     try:
         return evaluate(args)
     except RagError as err:

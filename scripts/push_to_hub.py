@@ -16,6 +16,7 @@ import sys
 
 from modeling_rag.errors import RagError
 from modeling_rag.hub_utils import push_saved_model_to_hub
+from modeling_rag.library_output import configure_script_output
 
 
 def eval_results_from_file(path: str) -> list[dict]:
@@ -45,11 +46,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--eval-results", default=None, help="A JSON file of evaluation results for the card's model-index."
     )
+    parser.add_argument(
+        "--verbose", action="store_true", help="Also show the libraries' own progress bars (uploads) and notices."
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    configure_script_output(verbose=args.verbose)
     eval_results = eval_results_from_file(args.eval_results) if args.eval_results else None
     try:
         url = push_saved_model_to_hub(

@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
     require(args, "train_file", "output_dir")
     check_positive(args, "batch_size", "gradient_accumulation_steps", "num_epochs")
     accelerator = create_accelerator(args)
-    setup_logging(accelerator)
+    setup_logging(accelerator, verbose=args.verbose)
     seed_everything(args.seed)
     t_start = time.time()
 

@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
     if args.freeze_generator and args.freeze_question_encoder and not args.train_context_encoder:
         raise RagConfigError("--freeze-generator and --freeze-question-encoder together leave nothing to train.")
     accelerator = create_accelerator(args)
-    setup_logging(accelerator)
+    setup_logging(accelerator, verbose=args.verbose)
     seed_everything(args.seed)
     t_start = time.time()
 

@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
         raise RagConfigError(f"--temperature must be > 0, got {args.temperature}.")
     cached = args.gradient_cache_chunk_size and args.gradient_cache_chunk_size > 0
     accelerator = create_accelerator(args, find_unused_parameters=False)
-    setup_logging(accelerator)
+    setup_logging(accelerator, verbose=args.verbose)
     seed_everything(args.seed)
     t_start = time.time()
 

@@ -293,3 +293,33 @@ def fresh_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HOME", str(home))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     return str(cache)
+
+
+@pytest.fixture(autouse=True)
+def _restore_library_output():
+    """A script's main() sets process-wide output switches (`configure_script_output`): put them back after."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from modeling_rag import library_output
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    shown, ours = library_output.library_output_shown(), logging.getLogger("modeling_rag").level
+    noisy = {name: logging.getLogger(name).level for name in library_output.NOISY_LOGGERS}
+    yield
+    hf_logging.set_verbosity(verbosity)
+    if hf_logging.is_progress_bar_enabled() != bars:
+        import warnings
+
+        with warnings.catch_warnings():  # the Hub's switch warns that HF_HUB_DISABLE_PROGRESS_BARS has priority
+            warnings.simplefilter("ignore")
+            if bars:
+                hf_logging.enable_progress_bar()
+            else:
+                hf_logging.disable_progress_bar()
+    library_output.show_library_output(shown)
+    logging.getLogger("modeling_rag").setLevel(ours)
+    for name, level in noisy.items():
+        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).removeFilter(library_output.QUIET_FILTER)

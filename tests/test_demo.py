@@ -59,6 +59,40 @@ def test_demo_builds_then_loads_and_prints_answers_with_sources(tiny_model_folde
     assert answer == [line for line in second.splitlines() if line.startswith("A: ")]
 
 
+LIBRARY_BARS = ("Loading weights", "Writing model shards", "Split strings", "BM25S", "Token indices sequence length")
+
+
+def test_demo_prints_only_our_lines_unless_verbose(tiny_model_folders, tmp_path, capfd, caplog):
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # as for a user: transformers' bars on (the test session turns them off)
+        hf_logging.enable_progress_bar()
+    demo = load_demo()
+    args = [
+        "--question-encoder", str(tiny_model_folders / "qe"),
+        "--generator", str(tiny_model_folders / "gen"),
+        "--model-dir", str(tmp_path / "model"),
+        "--max-new-tokens", "4",
+        "What is our company's mobile phone policy? " * 6,  # longer than the encoder reads (128 tokens)
+    ]  # fmt: skip
+    for run in ("first", "later"):
+        assert demo.main(args) == 0
+        out, err = capfd.readouterr()
+        assert "Q: What is our company's mobile phone policy?" in out
+        assert not [bar for bar in LIBRARY_BARS if bar in out + err], f"{run} run:\n{err}"
+    assert "Encoding passages" not in err and "Loaded the RAG model" in out
+    assert "not used for retrieval" in caplog.text  # our own warning (on stderr outside pytest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_logging.enable_progress_bar()
+    assert demo.main([*args, "--verbose", "--rebuild"]) == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" in err and "Split strings" in err
+
+
 def test_demo_sample_questions_and_interactive(tiny_model_folders, tmp_path, capsys, monkeypatch):
     demo = load_demo()
     common = [
@@ -141,3 +175,16 @@ def test_demo_streams_the_answer_and_marks_an_abstention(tiny_model_folders, tmp
     out = capsys.readouterr().out
     assert "-> The documents don't say." in out
     assert "Closest passages, which do not support an answer" in out
+
+
+def test_demo_too_long_question_is_a_one_line_error(tiny_model_folders, tmp_path, capsys):
+    demo = load_demo()
+    args = [
+        "--question-encoder", str(tiny_model_folders / "qe"),
+        "--generator", str(tiny_model_folders / "gen"),
+        "--model-dir", str(tmp_path / "model"),
+        "What is our company's mobile phone policy? " * 60,  # more than the generator's 512 positions
+    ]  # fmt: skip
+    assert demo.main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: The question alone takes" in err and "Traceback" not in err

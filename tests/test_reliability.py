@@ -439,7 +439,123 @@ def test_nan_question_vectors_are_refused(indexed_tiny):
         indexed_tiny.retrieve(["Who?"])
 
 
-@pytest.mark.parametrize("bad", [None, 3, ["ok", None], [""], "   ", [b"bytes"]])
-def test_non_string_and_empty_questions(indexed_tiny, bad):
+@pytest.mark.parametrize("bad", [None, 3, ["ok", None], [""], "   ", [b"bytes"], "leave \ud800?", ["ok?", "a\udfffb"]])
+def test_non_string_empty_and_unencodable_questions(indexed_tiny, bad):
     with pytest.raises(RagError):
         indexed_tiny.answer(bad)
+
+
+def test_a_lone_surrogate_is_named_wherever_text_comes_in(indexed_tiny):
+    from modeling_rag import RagInputError
+
+    with pytest.raises(RagInputError, match=r"questions\[0\] holds '\\ud800' at character 6, a lone surrogate"):
+        indexed_tiny.answer("leave \ud800?")
+    with pytest.raises(RagInputError, match=r"questions\[0\].*lone surrogate"):
+        indexed_tiny.retrieve(["leave \ud800?"])
+    with pytest.raises(RagInputError, match=r"passages\[0\].*lone surrogate"):
+        indexed_tiny.answer("Who?", passages=[["Rollo \ud800"]])
+    with pytest.raises(RagInputError, match=r"answers\[0\].*lone surrogate"):
+        indexed_tiny.prepare_inputs(["Who?"], ["Rollo \udc80"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Broken saved models: refused by from_pretrained, naming what is wrong, never at the first question
+# ------------------------------------------------------------------------------------------------
+def _truncate(path: Path, keep: float) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep)])
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+# (what is broken, how, what the error must say)
+BROKEN_SAVED_MODELS = [
+    ("generator tokenizer deleted", lambda m: _rmtree(m / "generator_tokenizer"), r"no generator_tokenizer/ folder"),
+    (
+        "question encoder tokenizer deleted",
+        lambda m: _rmtree(m / "question_encoder_tokenizer"),
+        r"no question_encoder_tokenizer/ folder",
+    ),
+    (
+        "both tokenizers deleted",
+        lambda m: (_rmtree(m / "generator_tokenizer"), _rmtree(m / "question_encoder_tokenizer")),
+        r"no question_encoder_tokenizer/ and generator_tokenizer/ folder",
+    ),
+    ("index deleted", lambda m: _rmtree(m / "index"), r"saved with its index in index/, but that folder is missing"),
+    (
+        "index config deleted",
+        lambda m: (m / "index" / "index_config.json").unlink(),
+        r"index_config.json in its folder is missing",
+    ),
+    ("weights cut in half", lambda m: _truncate(m / "model.safetensors", 0.5), r"model.safetensors is damaged"),
+    ("weights cut by one byte", lambda m: _truncate(m / "model.safetensors", 0.99999), r"model.safetensors is damaged"),
+    ("weights emptied", lambda m: _truncate(m / "model.safetensors", 0.0), r"model.safetensors is damaged"),
+    ("weights deleted", lambda m: (m / "model.safetensors").unlink(), r"has no model.safetensors"),
+    ("config not JSON", lambda m: (m / "config.json").write_text("{not json"), r"config.json cannot be read"),
+]
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    import json
+
+    root = tmp_path_factory.mktemp("broken")
+    corpus = root / "p.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in TINY_PASSAGES))
+    model = make_tiny_rag("gpt2", n_docs=2)
+    model.build_index(str(corpus), show_progress=False)
+    model.save_pretrained(root / "model")
+    return root / "model"
+
+
+@pytest.mark.parametrize("what, breaks, message", BROKEN_SAVED_MODELS, ids=[b[0] for b in BROKEN_SAVED_MODELS])
+def test_a_broken_saved_model_is_refused_at_load(saved_tiny, tmp_path, what, breaks, message):
+    import shutil
+
+    from modeling_rag import SavedModelError
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_tiny, folder)
+    RagForGeneration.from_pretrained(folder)  # intact: loads
+    breaks(folder)
+    with pytest.raises(SavedModelError, match=message) as info:
+        RagForGeneration.from_pretrained(folder)
+    text = str(info.value)
+    assert str(folder) in text  # names the folder or file
+    assert "save_pretrained" in text or "load_index=False" in text  # and says what to do
+
+
+def test_a_broken_saved_model_is_not_pushed_either(saved_tiny, tmp_path):
+    import shutil
+
+    from modeling_rag import SavedModelError
+    from modeling_rag.hub_utils import push_saved_model_to_hub
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_tiny, folder)
+    _truncate(folder / "model.safetensors", 0.5)
+    with pytest.raises(SavedModelError, match="model.safetensors is damaged"):
+        push_saved_model_to_hub(folder, "test-org/never-pushed")  # refused before any request
+
+
+def test_a_model_saved_without_its_index_or_tokenizers_still_loads(tmp_path):
+    model = make_tiny_rag("gpt2")
+    model.save_pretrained(tmp_path / "no_index")  # never had an index: nothing is missing
+    assert RagForGeneration.from_pretrained(tmp_path / "no_index").retriever is None
+    model.tokenizer = None
+    model.save_pretrained(tmp_path / "bare")
+    assert RagForGeneration.from_pretrained(tmp_path / "bare").tokenizer is None
+
+
+def test_load_index_false_loads_a_model_whose_index_is_gone(saved_tiny, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_tiny, folder)
+    _rmtree(folder / "index")
+    loaded = RagForGeneration.from_pretrained(folder, load_index=False)
+    assert loaded.retriever is None and loaded.tokenizer is not None

@@ -317,7 +317,8 @@ def test_two_processes_match_one(tiny, tmp_path):
     one = tmp_path / "one"
     script.main(_retriever_argv(tiny, one, "--batch-size", "4", *common))
     two = tmp_path / "two"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "tests"))
+    # this checkout's package first (not an installed copy), then the tests' helpers
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.path.join(ROOT, "tests")]))
     cmd = [
         sys.executable,
         "-m",

@@ -25,6 +25,9 @@ DEFAULT_INSTRUCTION = (
 )
 DEFAULT_PROMPT_TEMPLATE = "{context}\n\nUsing the passages above, answer briefly: {question}"
 DEFAULT_PASSAGE_TEMPLATE = "[{rank}] {title}\n{text}"
+# What the shipped reader is trained to say when its passages do not answer (and what `answer()` says
+# when it abstains).
+DEFAULT_NO_ANSWER_TEXT = "The documents don't say."
 
 
 def _sub_config(value, field: str, default_type: str | None):
@@ -196,6 +199,15 @@ class RagConfig(PretrainedConfig):
             `"mean"` over questions or `"sum"`.
         label_smoothing (`float`, defaults to 0.0):
             Label smoothing of the token cross-entropy (`"concat"` mode).
+        no_answer_text (`str`, defaults to `"The documents don't say."`):
+            The answer when the passages do not support one: the response a reader is trained to give for
+            unanswerable questions (`train_generator.py --unanswerable-file`), and the text `answer()` returns
+            when it abstains.
+        abstention (`dict`, *optional*):
+            A fitted abstention rule (`modeling_rag.abstention.AbstentionCalibration` as a dict: feature weights,
+            bias, the confidence threshold chosen on dev data, what it was fitted on). `answer()` replaces answers
+            whose confidence is below the threshold with `no_answer_text`. `None`: abstain only when the reader
+            itself gives the no-answer response. Fit one with `scripts/calibrate_abstention.py`.
     """
 
     model_type = MODEL_TYPE
@@ -237,6 +249,8 @@ class RagConfig(PretrainedConfig):
     saved_with_index: bool = False
     loss_reduction: str = "mean"
     label_smoothing: float = 0.0
+    no_answer_text: str = DEFAULT_NO_ANSWER_TEXT
+    abstention: dict | None = None
     is_encoder_decoder: bool = False
     tie_word_embeddings: bool = False
 
@@ -291,6 +305,12 @@ class RagConfig(PretrainedConfig):
         for field in ("prompt_template", "passage_template", "passage_separator", "instruction"):
             if not isinstance(getattr(self, field), str):
                 raise RagConfigError(f"{field} must be a string.")
+        if not isinstance(self.no_answer_text, str) or not self.no_answer_text.strip():
+            raise RagConfigError(f"no_answer_text must be a non-empty string, got {self.no_answer_text!r}.")
+        if self.abstention is not None:
+            from .abstention import AbstentionCalibration
+
+            AbstentionCalibration.from_dict(self.abstention)  # raises RagConfigError naming the bad key
         for placeholder in ("{context}", "{question}"):
             if placeholder not in self.prompt_template:
                 raise RagConfigError(f"prompt_template must contain {placeholder}; got {self.prompt_template!r}.")

@@ -35,6 +35,7 @@ RERANKER_FORMAT_VERSION = 1
 RESULTS_NAME = "results.json"
 PREDICTIONS_NAME = "predictions.jsonl"
 RECALL_PLOT_NAME = "recall_at_k.png"
+RISK_COVERAGE_PLOT_NAME = "risk_coverage.png"
 
 # A training run's output folder (see training.py)
 CHECKPOINTS_DIR = "checkpoints"

@@ -293,7 +293,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 
 # Recipe options that name input files: a relative value is read from the recipe's own folder, so that
 # a recipe runs from any working directory. Outputs (`output_dir`) stay relative to where the user runs.
-RECIPE_INPUT_PATH_OPTIONS = ("corpus", "train_file", "dev_file")
+RECIPE_INPUT_PATH_OPTIONS = ("corpus", "train_file", "dev_file", "unanswerable_file")
 # Options that may be a local folder or a Hub id: resolved against the recipe only where that path exists.
 RECIPE_MODEL_PATH_OPTIONS = ("model", "question_encoder", "generator")
 
@@ -493,6 +493,14 @@ def gold_positions(example: QAExample, by_id: dict[str, int], passages: list[dic
     """Positions of the example's gold passages in `passages` (chunks of gold documents included)."""
     out: list[int] = []
     for pid in example.positive_passage_ids:
+        out.extend(positions_of(pid, by_id, passages))
+    return sorted(set(out))
+
+
+def negative_positions(example: QAExample, by_id: dict[str, int], passages: list[dict]) -> list[int]:
+    """Positions of the example's hard-negative passages in `passages` (chunks of those documents included)."""
+    out: list[int] = []
+    for pid in example.hard_negative_passage_ids:
         out.extend(positions_of(pid, by_id, passages))
     return sorted(set(out))
 

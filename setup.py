@@ -54,6 +54,9 @@ setup(
             "metrics/*/*.py",
             "metrics/*/*.md",
             "templates/*.md",
+            "readers_data/*/*.json",
+            "readers_data/*/*.safetensors",
+            "readers_data/*/*.md",
         ]
     },
     install_requires=INSTALL_REQUIRES,

@@ -51,6 +51,7 @@ __all__ = [
     "default_question_encoder_path",
     "default_generator_path",
     "is_complete_generator_folder",
+    "is_default_generator",
     "resolve_model",
     "main",
 ]
@@ -160,6 +161,14 @@ def default_question_encoder_path() -> str:
 
 def _generator_dir() -> Path:
     return models_dir() / DEFAULT_GENERATOR
+
+
+def is_default_generator(name_or_path: str | os.PathLike[str]) -> bool:
+    """Whether `name_or_path` names the default generator (its name, ``"default"``, or its converted folder)."""
+    name = os.fspath(name_or_path)
+    if name in ("default", DEFAULT_GENERATOR):
+        return True
+    return os.path.isdir(name) and os.path.realpath(name) == os.path.realpath(_generator_dir())
 
 
 def is_complete_generator_folder(folder: str | os.PathLike[str]) -> bool:

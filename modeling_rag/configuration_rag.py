@@ -16,6 +16,7 @@ SIMILARITIES = ("ip", "l2")
 GENERATION_MODES = ("concat", "rag_sequence", "rag_token")
 RETRIEVAL_METHODS = ("dense", "bm25", "hybrid")
 FUSION_METHODS = ("rrf", "weighted")
+FUSION_NORMALIZATIONS = ("zscore", "minmax")
 SEQUENCE_DECODING = ("fast", "thorough")
 
 # Measured on SmolLM2-135M-Instruct, 48 SQuAD dev questions, top-3 passages (README, "Prompt"):
@@ -25,6 +26,9 @@ DEFAULT_INSTRUCTION = (
 )
 DEFAULT_PROMPT_TEMPLATE = "{context}\n\nUsing the passages above, answer briefly: {question}"
 DEFAULT_PASSAGE_TEMPLATE = "[{rank}] {title}\n{text}"
+# What the shipped reader is trained to say when its passages do not answer (and what `answer()` says
+# when it abstains).
+DEFAULT_NO_ANSWER_TEXT = "The documents don't say."
 
 
 def _sub_config(value, field: str, default_type: str | None):
@@ -87,6 +91,15 @@ def _reject_unknown_settings(kwargs: dict) -> None:
         raise RagConfigError(f"Unknown RagConfig setting(s): {', '.join(hints)}.")
 
 
+def _check_subfolder(field: str, path, example: str) -> None:
+    if not isinstance(path, str) or not path:
+        raise RagConfigError(f"{field} must be a non-empty relative folder name, e.g. {example!r}.")
+    if path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":"):
+        raise RagConfigError(f"{field} must be relative to the model folder, got the absolute path {path!r}.")
+    if ".." in posixpath.normpath(path.replace("\\", "/")).split("/"):
+        raise RagConfigError(f"{field} must stay inside the model folder, got {path!r}.")
+
+
 class RagConfig(PretrainedConfig):
     r"""Configuration of a [`RagForGeneration`] model.
 
@@ -117,12 +130,30 @@ class RagConfig(PretrainedConfig):
             `"error"` (refused with `RagInputError`). The generator always receives the whole question.
         retrieval (`str`, defaults to `"dense"`):
             `"dense"` (FAISS), `"bm25"` (sparse) or `"hybrid"` (both rankings fused).
-        fusion (`str`, defaults to `"rrf"`):
-            How hybrid retrieval fuses rankings: `"rrf"` (reciprocal rank fusion) or `"weighted"` (scores).
+        fusion (`str`, defaults to `"weighted"`):
+            How hybrid retrieval fuses rankings: `"weighted"` (a weighted sum of per-query normalised scores)
+            or `"rrf"` (reciprocal rank fusion, which ignores the scores).
         rrf_k (`int`, defaults to 60):
             The constant of reciprocal rank fusion.
-        hybrid_alpha (`float`, defaults to 0.5):
-            Weight of the dense score in `"weighted"` fusion (between 0 and 1).
+        hybrid_alpha (`float`, defaults to 0.55):
+            Weight of the dense score in `"weighted"` fusion (between 0 and 1; BM25 gets `1 - hybrid_alpha`).
+            0.55 was chosen on 1,500 SQuAD training questions (`scripts/tune_fusion.py`), never on held-out
+            articles; 0.45 to 0.7 score within 0.3 points of it there (docs/benchmarks.md).
+        fusion_normalization (`str`, defaults to `"zscore"`):
+            How `"weighted"` fusion puts each query's dense and BM25 scores on one scale: `"zscore"`
+            (minus the mean, over the standard deviation, of that query's top `fusion_depth` scores) or
+            `"minmax"` (to [0, 1] over them).
+        fusion_depth (`int`, defaults to 100):
+            Passages taken from each of the dense and BM25 rankings before fusing (at least the passages asked
+            for); the normalisation statistics come from them, so fused scores do not depend on `n_docs`.
+        reranker (`str`, *optional*):
+            Relative subfolder of the saved model holding a cross-encoder reranker (a sequence-classification
+            model over (question, passage) pairs, see `CrossEncoderReranker`), usually `"reranker"`. When set,
+            retrieval takes `n_candidates` passages from the first stage and keeps the `n_docs` the reranker
+            scores highest; their scores become its relevance (a probability). `None`: no reranking.
+        n_candidates (`int`, defaults to 20):
+            First-stage passages per question that the reranker scores; at least `n_docs`. Each costs one
+            cross-encoder pass, so latency grows linearly with it (docs/benchmarks.md).
         generation_mode (`str`, defaults to `"concat"`):
             How passages reach the generator. `"concat"`: all passages and the question in one input.
             `"rag_sequence"` / `"rag_token"`: one input per passage, marginalised with the passage scores over
@@ -173,6 +204,15 @@ class RagConfig(PretrainedConfig):
             How the generator is driven fast (chunk sizes, decoding groups, merged decoding, activation
             recompute); saved with the model as a dict, and replaceable per call with `speed_options=` on
             `forward` / `generate` / `answer`. Defaults to `RagSpeedOptions()`. Results do not depend on it.
+        no_answer_text (`str`, defaults to `"The documents don't say."`):
+            The answer when the passages do not support one: the response a reader is trained to give for
+            unanswerable questions (`train_generator.py --unanswerable-file`), and the text `answer()` returns
+            when it abstains.
+        abstention (`dict`, *optional*):
+            A fitted abstention rule (`modeling_rag.abstention.AbstentionCalibration` as a dict: feature weights,
+            bias, the confidence threshold chosen on dev data, what it was fitted on). `answer()` replaces answers
+            whose confidence is below the threshold with `no_answer_text`. `None`: abstain only when the reader
+            itself gives the no-answer response. Fit one with `scripts/calibrate_abstention.py`.
     """
 
     model_type = MODEL_TYPE
@@ -188,9 +228,13 @@ class RagConfig(PretrainedConfig):
     question_max_length: int = 128
     question_overflow: str = "truncate"
     retrieval: str = "dense"
-    fusion: str = "rrf"
+    fusion: str = "weighted"
     rrf_k: int = 60
-    hybrid_alpha: float = 0.5
+    hybrid_alpha: float = 0.55
+    fusion_normalization: str = "zscore"
+    fusion_depth: int = 100
+    reranker: str | None = None
+    n_candidates: int = 20
     generation_mode: str = "concat"
     sequence_decoding: str = "fast"
     max_input_tokens: int | None = None
@@ -211,6 +255,8 @@ class RagConfig(PretrainedConfig):
     loss_reduction: str = "mean"
     label_smoothing: float = 0.0
     speed_options: RagSpeedOptions | dict | None = None
+    no_answer_text: str = DEFAULT_NO_ANSWER_TEXT
+    abstention: dict | None = None
     is_encoder_decoder: bool = False
     tie_word_embeddings: bool = False
 
@@ -246,6 +292,7 @@ class RagConfig(PretrainedConfig):
         choice("similarity", SIMILARITIES)
         choice("retrieval", RETRIEVAL_METHODS)
         choice("fusion", FUSION_METHODS)
+        choice("fusion_normalization", FUSION_NORMALIZATIONS)
         choice("generation_mode", GENERATION_MODES)
         choice("sequence_decoding", SEQUENCE_DECODING)
         choice("loss_reduction", ("mean", "sum"))
@@ -253,6 +300,8 @@ class RagConfig(PretrainedConfig):
         positive_int("n_docs")
         positive_int("question_max_length")
         positive_int("rrf_k")
+        positive_int("fusion_depth")
+        positive_int("n_candidates")
         positive_int("max_new_tokens")
         positive_int("max_input_tokens", allow_none=True)
         positive_int("max_passage_tokens", allow_none=True)
@@ -266,6 +315,12 @@ class RagConfig(PretrainedConfig):
         for field in ("prompt_template", "passage_template", "passage_separator", "instruction"):
             if not isinstance(getattr(self, field), str):
                 raise RagConfigError(f"{field} must be a string.")
+        if not isinstance(self.no_answer_text, str) or not self.no_answer_text.strip():
+            raise RagConfigError(f"no_answer_text must be a non-empty string, got {self.no_answer_text!r}.")
+        if self.abstention is not None:
+            from .abstention import AbstentionCalibration
+
+            AbstentionCalibration.from_dict(self.abstention)  # raises RagConfigError naming the bad key
         for placeholder in ("{context}", "{question}"):
             if placeholder not in self.prompt_template:
                 raise RagConfigError(f"prompt_template must contain {placeholder}; got {self.prompt_template!r}.")
@@ -279,14 +334,15 @@ class RagConfig(PretrainedConfig):
                 f"prompt_template / passage_template use an unknown placeholder ({err}); allowed: "
                 "{instruction}, {context}, {question} and {title}, {text}, {rank}."
             ) from None
-        # index location: a relative path inside the model folder, or a Hub repo
-        path = self.index_path
-        if not isinstance(path, str) or not path:
-            raise RagConfigError("index_path must be a non-empty relative folder name, e.g. 'index'.")
-        if path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":"):
-            raise RagConfigError(f"index_path must be relative to the model folder, got the absolute path {path!r}.")
-        if ".." in posixpath.normpath(path.replace("\\", "/")).split("/"):
-            raise RagConfigError(f"index_path must stay inside the model folder, got {path!r}.")
+        # index and reranker locations: relative paths inside the model folder
+        _check_subfolder("index_path", self.index_path, "index")
+        if self.reranker is not None:
+            _check_subfolder("reranker", self.reranker, "reranker")
+            if self.n_candidates < self.n_docs:
+                raise RagConfigError(
+                    f"n_candidates ({self.n_candidates}) is smaller than n_docs ({self.n_docs}): the reranker "
+                    "keeps n_docs of the n_candidates first-stage passages; raise n_candidates or lower n_docs."
+                )
         if self.index_revision is not None and self.index_repo_id is None:
             raise RagConfigError("index_revision is set but index_repo_id is not; name the repo that holds the index.")
         choice("index_repo_type", ("dataset", "model"))

@@ -6,6 +6,7 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 QUESTION_ENCODER_TOKENIZER_DIR = "question_encoder_tokenizer"
 GENERATOR_TOKENIZER_DIR = "generator_tokenizer"
 INDEX_DIR = "index"
+RERANKER_DIR = "reranker"  # the cross-encoder reranker (see reranker.py), when the model has one
 MODEL_CARD_NAME = "README.md"
 TRAINING_CONFIG_NAME = "training_config.yaml"
 EVAL_RESULTS_NAME = "eval_results.json"
@@ -26,10 +27,15 @@ PASSAGE_TOKENS_OFFSETS_NAME = "offsets.npy"
 PASSAGE_TOKENS_IDS_NAME = "ids.npy"
 PASSAGE_TOKENS_FORMAT_VERSION = 1
 
+# A reranker folder (see reranker.py)
+RERANKER_CONFIG_NAME = "reranker_config.json"
+RERANKER_FORMAT_VERSION = 1
+
 # Evaluation outputs (see scripts/evaluate_rag.py)
 RESULTS_NAME = "results.json"
 PREDICTIONS_NAME = "predictions.jsonl"
 RECALL_PLOT_NAME = "recall_at_k.png"
+RISK_COVERAGE_PLOT_NAME = "risk_coverage.png"
 
 # A training run's output folder (see training.py)
 CHECKPOINTS_DIR = "checkpoints"

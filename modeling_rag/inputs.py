@@ -192,6 +192,11 @@ def retrieve(model, questions: list[str], n_docs: int, enc: dict | None = None):
         embeddings = model.encode_questions(**enc).float().cpu().numpy()
         if not np.isfinite(embeddings).all():
             raise RagInputError("The question encoder produced NaN or infinite vectors; check its weights.")
+    model.retriever.use_fusion_settings(model.config)  # the config is where a model keeps them
+    if model.reranker is not None:
+        from .reranker import retrieve_and_rerank
+
+        return retrieve_and_rerank(model, embeddings, questions, n_docs)
     return model.retriever.retrieve(embeddings, n_docs, questions=questions)
 
 

@@ -84,8 +84,25 @@ class RagSource:
 
 @dataclass
 class RagAnswer:
-    """A generated answer with the passages it came from (best first)."""
+    """A generated answer with the passages it came from (best first).
+
+    Attributes:
+        question: The question asked.
+        answer: The answer; when `abstained`, the model's no-answer response (``config.no_answer_text``).
+        sources: The passages the reader was given, best first. When `abstained`, they are the closest
+            passages found, which do not support an answer.
+        abstained: Whether the model judged that its passages do not support an answer (see
+            `modeling_rag.abstention`).
+        confidence: How likely the answer is supported, in [0, 1] (calibrated on dev data where the model's
+            config holds a fitted `abstention`; else the reader's geometric-mean token probability).
+        reader_answer: What the reader wrote, kept when the model abstained instead of giving it.
+        signals: The abstention features the decision was made from (`modeling_rag.abstention`), by name.
+    """
 
     question: str
     answer: str
     sources: list[RagSource] = field(default_factory=list)
+    abstained: bool = False
+    confidence: float | None = None
+    reader_answer: str | None = None
+    signals: dict | None = None

@@ -115,6 +115,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             context_encoder = AutoModel.from_config(config.context_encoder)
         self.context_encoder = context_encoder
         self.retriever = None
+        self.reranker = None  # a CrossEncoderReranker (not a submodule: it saves into config.reranker)
         self.tokenizer = None
         self._packer = None
         self._packer_key = None
@@ -264,6 +265,12 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         if self.retriever is None:
             raise RagInputError(inputs._NO_INDEX)
         return inputs.retrieve(self, questions, inputs.check_n_docs(n_docs, self.config.n_docs))
+
+    def set_reranker(self, reranker) -> None:
+        """Attaches a [`CrossEncoderReranker`] (or detaches with `None`); it is saved in `config.reranker`."""
+        from .reranker import attach_reranker
+
+        attach_reranker(self, reranker)
 
     def prepare_inputs(
         self,
@@ -476,10 +483,26 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         doc_scores=None,
         n_docs: int | None = None,
         generation_mode: str | None = None,
+        abstention_threshold: float | None = None,
+        streamer=None,
         **generate_kwargs,
     ) -> list[RagAnswer]:
-        """Answers each question and returns the text with its sources (id, title, score, posterior)."""
+        """Answers each question and returns the text with its sources (id, title, score, posterior),
+        whether the model abstained ("the documents don't say") and its confidence.
+
+        `abstention_threshold` replaces the config's calibrated threshold for this call (0: abstain only
+        when the reader itself says the documents don't answer). `streamer` (e.g. transformers'
+        `TextIteratorStreamer(tokenizer.generator, skip_prompt=True)`) receives the answer's tokens as they
+        are generated; it takes one question at a time.
+        """
+        from .abstention import judge_answers, recorder_for
+
         questions = self._check_questions(questions)
+        if streamer is not None:
+            if len(questions) != 1:
+                raise RagInputError(f"A streamer follows one answer: pass one question, got {len(questions)}.")
+            generate_kwargs["streamer"] = streamer
+        recorder = recorder_for(self, generation_mode or self.config.generation_mode, generate_kwargs)
         out = self.generate(
             questions,
             passages=passages,
@@ -490,7 +513,12 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             **generate_kwargs,
         )
         per_q = out.sequences.shape[0] // len(questions)
-        texts = self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
+        firsts = [texts[i * per_q] for i in range(len(questions))]
+        abstained, confidence, signals = judge_answers(
+            self, questions, firsts, out, recorder, per_q, abstention_threshold
+        )
+        signal_rows = signals.to_rows()
         answers = []
         for i, q in enumerate(questions):
             sources = []
@@ -508,7 +536,17 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                         posterior=post,
                     )
                 )
-            answers.append(RagAnswer(question=q, answer=texts[i * per_q].strip(), sources=sources))
+            answers.append(
+                RagAnswer(
+                    question=q,
+                    answer=self.config.no_answer_text if abstained[i] else firsts[i],
+                    sources=sources,
+                    abstained=bool(abstained[i]),
+                    confidence=float(confidence[i]),
+                    reader_answer=firsts[i] if abstained[i] else None,
+                    signals=signal_rows[i],
+                )
+            )
         return answers
 
     # ---------------------------------------------------------------------------------------------
@@ -524,9 +562,16 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         *,
         retriever=None,
         dtype: torch.dtype | None = None,
+        reader_adapter: str | os.PathLike | None = "auto",
         **config_kwargs,
     ) -> RagForGeneration:
-        """Builds a model from two existing checkpoints (local folders or Hub ids), with their tokenizers."""
+        """Builds a model from two existing checkpoints (local folders or Hub ids), with their tokenizers.
+
+        `reader_adapter`: a reader folder (a LoRA adapter trained for this generator, `modeling_rag.readers`)
+        merged into the generator, with the settings it was trained and calibrated with; ``"auto"`` (default)
+        applies the reader the package ships for the default generator (SmolLM2-135M-Instruct), when the
+        generator is that one; ``None`` keeps the generator untuned.
+        """
         qe = AutoModel.from_pretrained(question_encoder_name_or_path, dtype=dtype)
         gen_config = AutoConfig.from_pretrained(generator_name_or_path)
         auto = AutoModelForSeq2SeqLM if getattr(gen_config, "is_encoder_decoder", False) else AutoModelForCausalLM
@@ -551,6 +596,13 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             AutoTokenizer.from_pretrained(generator_name_or_path),
         )
         model = cls(config, question_encoder=qe, generator=gen, context_encoder=ce, tokenizer=tokenizer)
+        reader = _reader_folder(reader_adapter, generator_name_or_path)
+        if reader is not None:
+            from .readers import apply_reader
+
+            apply_reader(model, reader)
+            model.config.update(config_kwargs)  # the caller's settings win over the reader's
+            model.config.validate_rag()
         if retriever is not None:
             model.set_retriever(retriever)
         return model
@@ -577,6 +629,8 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
                 self.tokenizer.save_pretrained(staging)
             if saves_index:
                 self.retriever.save(os.path.join(staging, self.config.index_path))
+            if self.reranker is not None:
+                self.reranker.save(os.path.join(staging, self.config.reranker))
             commit_staged_folder(staging, save_directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -629,6 +683,10 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             os.path.join(folder, GENERATOR_TOKENIZER_DIR)
         ):
             model.set_tokenizer(RagTokenizer.from_pretrained(folder))
+        if model.config.reranker is not None:
+            from .reranker import load_model_reranker
+
+            load_model_reranker(model, folder)
         if load_index:
             model._load_index(
                 folder,
@@ -667,6 +725,18 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             expected_fingerprint=weights_fingerprint(self.passage_encoder) if verify else None,
         )
         self.set_retriever(retriever, check_fingerprint=False)
+
+
+def _reader_folder(reader_adapter, generator_name_or_path) -> str | None:
+    """The reader folder `from_pretrained_question_encoder_generator` applies (``None``: none)."""
+    if reader_adapter is None:
+        return None
+    if reader_adapter == "auto":
+        from .assets import DEFAULT_GENERATOR, is_default_generator
+        from .readers import shipped_reader_path
+
+        return shipped_reader_path(DEFAULT_GENERATOR) if is_default_generator(generator_name_or_path) else None
+    return os.fspath(reader_adapter)
 
 
 AutoModel.register(RagConfig, RagForGeneration, exist_ok=True)

@@ -9,6 +9,8 @@ A question row is a JSON object. The fields read (others are ignored):
 * ``positive_passage_ids``: gold passage ids (a list, or one id).
 * ``positive_passages``: gold passage texts (a list, or one text).
 * ``hard_negative_passage_ids``: ids of passages that look relevant but are not.
+* ``asked_about_passage_id``: SQuAD v2's unanswerable questions name the passage they were written
+  against, which does not answer them; it is read as one more hard-negative passage id.
 * DPR style: ``positive_ctxs`` / ``hard_negative_ctxs``, lists of objects with ``passage_id`` (or ``id``
   or ``psg_id``), ``text`` and ``title``; their ids and texts are added to the fields above.
 
@@ -296,6 +298,7 @@ def _parse_row(row: Any, position: int, where: str, *, require_answers: bool, re
     ]
     negative_ids = _as_text_list(row.get("hard_negative_passage_ids"), "'hard_negative_passage_ids'", where)
     negative_ids += _ctx_ids(negative_ctxs, "hard_negative_ctxs", where)
+    negative_ids += _as_text_list(row.get("asked_about_passage_id"), "'asked_about_passage_id'", where)
 
     return QAExample(
         id=qid,

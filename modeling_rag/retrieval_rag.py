@@ -1,12 +1,16 @@
 """RagRetriever: question vectors (and/or question texts) to passages.
 
 Dense retrieval searches the FAISS `PassageIndex`; BM25 retrieval searches the `BM25Index`;
-hybrid retrieval takes a wider pool (4 x `n_docs`) from each and fuses the two rankings, either
-by reciprocal rank fusion (``fusion="rrf"``: score = sum over rankings of 1 / (rrf_k + rank),
-rank from 1) or by a weighted sum of min-max normalised scores (``fusion="weighted"``:
-``hybrid_alpha * dense + (1 - hybrid_alpha) * bm25``). Whatever the retrieval, the exact stored
-dense vectors of the chosen rows come back too, so a model can recompute differentiable
-document scores.
+hybrid retrieval takes the top ``max(fusion_depth, n_docs)`` of each and fuses the two rankings,
+either by a weighted sum of per-query normalised scores (``fusion="weighted"``, the default:
+``hybrid_alpha * dense + (1 - hybrid_alpha) * bm25``, each side z-scored over its own top
+``fusion_depth`` scores, or min-max scaled with ``fusion_normalization="minmax"``; a passage only
+one side found gets the other side's lowest normalised score) or by reciprocal rank fusion
+(``fusion="rrf"``: score = sum over rankings of 1 / (rrf_k + rank), rank from 1). Normalising per
+query is what lets a fixed weight work: raw BM25 scores vary several-fold from one question to the
+next while cosines do not. The default weight was chosen on training questions (docs/benchmarks.md).
+Whatever the retrieval, the exact stored dense vectors of the chosen rows come back too, so a model
+can recompute differentiable document scores.
 
 A saved retriever is an index folder (see `index_faiss.py`) whose ``index_config.json`` also
 holds a ``"retriever"`` entry (retrieval settings) and an ``"encoding"`` entry (pooling,
@@ -35,8 +39,9 @@ from .index_faiss import PassageIndex
 from .passage_tokens import PassageTokens
 
 RETRIEVAL_MODES = ("dense", "bm25", "hybrid")
+FUSION_SETTINGS = ("fusion", "rrf_k", "hybrid_alpha", "fusion_normalization", "fusion_depth")
 FUSION_METHODS = ("rrf", "weighted")
-HYBRID_POOL_FACTOR = 4
+FUSION_NORMALIZATIONS = ("zscore", "minmax")
 
 
 @dataclass
@@ -57,7 +62,9 @@ class RetrievalOutput:
     passages: list[list[dict[str, Any]]]
 
 
-def _check_settings(retrieval: str, fusion: str, rrf_k: Any, hybrid_alpha: Any) -> None:
+def _check_settings(
+    retrieval: str, fusion: str, rrf_k: Any, hybrid_alpha: Any, normalization: str = "zscore", depth: Any = 100
+) -> None:
     if retrieval not in RETRIEVAL_MODES:
         raise RagConfigError(f"retrieval must be one of {RETRIEVAL_MODES}, got {retrieval!r}.")
     if fusion not in FUSION_METHODS:
@@ -66,13 +73,20 @@ def _check_settings(retrieval: str, fusion: str, rrf_k: Any, hybrid_alpha: Any) 
         raise RagConfigError(f"rrf_k must be a non-negative integer, got {rrf_k!r}.")
     if isinstance(hybrid_alpha, bool) or not isinstance(hybrid_alpha, (int, float)) or not 0 <= hybrid_alpha <= 1:
         raise RagConfigError(f"hybrid_alpha must be a number between 0 and 1, got {hybrid_alpha!r}.")
+    if normalization not in FUSION_NORMALIZATIONS:
+        raise RagConfigError(f"fusion_normalization must be one of {FUSION_NORMALIZATIONS}, got {normalization!r}.")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise RagConfigError(f"fusion_depth must be a positive integer, got {depth!r}.")
 
 
-def _minmax(scores: np.ndarray) -> np.ndarray:
-    lo, hi = float(scores.min()), float(scores.max())
-    if hi - lo <= 1e-12:
-        return np.zeros_like(scores, dtype=np.float64)
-    return (scores.astype(np.float64) - lo) / (hi - lo)
+def _normalize(scores: np.ndarray, how: str) -> np.ndarray:
+    """One query's scores on a common scale: z-scores, or min-max to [0, 1]; all equal -> zeros."""
+    x = scores.astype(np.float64)
+    if how == "minmax":
+        lo, hi = float(x.min()), float(x.max())
+        return np.zeros_like(x) if hi - lo <= 1e-12 else (x - lo) / (hi - lo)
+    std = float(x.std())
+    return np.zeros_like(x) if std <= 1e-12 else (x - float(x.mean())) / std
 
 
 class RagRetriever:
@@ -84,9 +98,11 @@ class RagRetriever:
         bm25: BM25Index | None = None,
         *,
         retrieval: str = "dense",
-        fusion: str = "rrf",
+        fusion: str = "weighted",
         rrf_k: int = 60,
-        hybrid_alpha: float = 0.5,
+        hybrid_alpha: float = 0.55,
+        fusion_normalization: str = "zscore",
+        fusion_depth: int = 100,
         passage_tokens: PassageTokens | None = None,
     ) -> None:
         if not isinstance(index, PassageIndex):
@@ -95,7 +111,7 @@ class RagRetriever:
             raise RagInputError(f"bm25 must be a BM25Index or None, got {type(bm25).__name__}.")
         if passage_tokens is not None and not isinstance(passage_tokens, PassageTokens):
             raise RagInputError(f"passage_tokens must be a PassageTokens or None, got {type(passage_tokens).__name__}.")
-        _check_settings(retrieval, fusion, rrf_k, hybrid_alpha)
+        _check_settings(retrieval, fusion, rrf_k, hybrid_alpha, fusion_normalization, fusion_depth)
         if retrieval != "dense" and bm25 is None:
             raise RagConfigError(
                 f"retrieval={retrieval!r} needs a BM25 index; build the retriever with bm25=True or use retrieval='dense'."
@@ -106,6 +122,8 @@ class RagRetriever:
         self.fusion = fusion
         self.rrf_k = int(rrf_k)
         self.hybrid_alpha = float(hybrid_alpha)
+        self.fusion_normalization = fusion_normalization
+        self.fusion_depth = int(fusion_depth)
         self.passage_tokens = passage_tokens
 
     # ------------------------------------------------------------------ properties
@@ -132,8 +150,16 @@ class RagRetriever:
             "fusion": self.fusion,
             "rrf_k": self.rrf_k,
             "hybrid_alpha": self.hybrid_alpha,
+            "fusion_normalization": self.fusion_normalization,
+            "fusion_depth": self.fusion_depth,
             "bm25": self._bm25 is not None,
         }
+
+    def use_fusion_settings(self, config: Any) -> None:
+        """Takes the fusion settings (fusion, rrf_k, hybrid_alpha, fusion_normalization, fusion_depth) of a
+        `RagConfig`, the place a model keeps them."""
+        for name in FUSION_SETTINGS:
+            setattr(self, name, getattr(config, name))
 
     def __repr__(self) -> str:
         return f"RagRetriever(retrieval={self.retrieval!r}, index={self._index!r}, bm25={self._bm25!r})"
@@ -169,7 +195,9 @@ class RagRetriever:
         Dense retrieval needs `question_embeddings` `[B, d]`; BM25 needs `questions` (B strings);
         hybrid needs both, in the same order.
         """
-        _check_settings(self.retrieval, self.fusion, self.rrf_k, self.hybrid_alpha)
+        _check_settings(
+            self.retrieval, self.fusion, self.rrf_k, self.hybrid_alpha, self.fusion_normalization, self.fusion_depth
+        )
         if isinstance(n_docs, bool) or not isinstance(n_docs, (int, np.integer)) or n_docs <= 0:
             raise RagInputError(f"n_docs must be a positive integer, got {n_docs!r}.")
         mode = self.retrieval
@@ -211,7 +239,7 @@ class RagRetriever:
     def _hybrid(self, q: np.ndarray, questions: list[str], n_docs: int) -> tuple[np.ndarray, np.ndarray]:
         count = self._index.count
         kk = min(n_docs, count)
-        pool = min(count, max(HYBRID_POOL_FACTOR * n_docs, n_docs))
+        pool = min(count, max(self.fusion_depth, n_docs))
         d_scores, d_ids = self._index.search(q, pool)
         b_scores, b_ids = self._bm25.search(questions, pool)
         out_scores = np.zeros((len(q), kk), dtype=np.float32)
@@ -223,15 +251,24 @@ class RagRetriever:
             if self.fusion == "rrf":
                 d_part = [1.0 / (self.rrf_k + r + 1) for r in range(len(d_ids[b]))]
                 b_part = [1.0 / (self.rrf_k + r + 1) for r in range(len(b_ids[b]))]
+                d_floor = b_floor = 0.0
             else:
-                d_part = (self.hybrid_alpha * _minmax(d_scores[b])).tolist()
-                b_part = ((1.0 - self.hybrid_alpha) * _minmax(b_scores[b])).tolist()
+                d_norm = _normalize(d_scores[b], self.fusion_normalization)
+                b_norm = _normalize(b_scores[b], self.fusion_normalization)
+                d_part = (self.hybrid_alpha * d_norm).tolist()
+                b_part = ((1.0 - self.hybrid_alpha) * b_norm).tolist()
+                # a passage one side did not return scores at most that side's lowest in the pool
+                d_floor = self.hybrid_alpha * float(d_norm.min()) if d_norm.size else 0.0
+                b_floor = (1.0 - self.hybrid_alpha) * float(b_norm.min()) if b_norm.size else 0.0
             for r, (rid, s) in enumerate(zip(d_ids[b].tolist(), d_part)):
-                fused[rid] = fused.get(rid, 0.0) + s
+                fused[rid] = s
                 dense_rank[rid] = r
             for r, (rid, s) in enumerate(zip(b_ids[b].tolist(), b_part)):
-                fused[rid] = fused.get(rid, 0.0) + s
+                fused[rid] = fused.get(rid, d_floor) + s
                 bm25_rank[rid] = r
+            for rid in fused:
+                if rid not in bm25_rank:
+                    fused[rid] += b_floor
             order = sorted(
                 fused,
                 key=lambda rid: (-fused[rid], dense_rank.get(rid, math.inf), bm25_rank.get(rid, math.inf), rid),
@@ -310,6 +347,9 @@ class RagRetriever:
                 fusion=settings.get("fusion", "rrf"),
                 rrf_k=settings.get("rrf_k", 60),
                 hybrid_alpha=settings.get("hybrid_alpha", 0.5),
+                # saved before normalisation was a setting: min-max was the only one
+                fusion_normalization=settings.get("fusion_normalization", "minmax"),
+                fusion_depth=settings.get("fusion_depth", 100),
                 passage_tokens=tokens,
             )
         except RagConfigError as exc:
@@ -347,7 +387,7 @@ class RagRetriever:
         are gathered, so every process ends with the same index. With `work_dir`, vectors are encoded
         in shards of `shard_size` saved there (`encode_texts_resumable`): a build that was killed
         resumes from its finished shards (the processes must share `work_dir`). `retriever_kwargs` go
-        to `RagRetriever` (fusion, rrf_k, hybrid_alpha).
+        to `RagRetriever` (fusion, rrf_k, hybrid_alpha, fusion_normalization, fusion_depth).
         """
         if pooling not in POOLING_METHODS:
             raise RagConfigError(f"pooling must be one of {POOLING_METHODS}, got {pooling!r}.")

@@ -89,6 +89,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--show-passages", type=int, default=160, help="Characters of each source passage to print (0: none)."
     )
     parser.add_argument(
+        "--no-stream", action="store_true", help="Print each answer when it is complete instead of token by token."
+    )
+    parser.add_argument(
+        "--abstention-threshold",
+        type=float,
+        default=None,
+        help="Confidence below which the model says the documents don't answer; default: the model's calibrated "
+        "threshold (0: only when the reader itself says so).",
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         help="Also show the libraries' own progress bars and notices (transformers, huggingface_hub, bm25s).",
@@ -181,10 +191,18 @@ def build_or_load(args):
     return model
 
 
-def print_answer(result, show_passages: int, seconds: float) -> None:
-    print(f"\nQ: {result.question}")
-    print(textwrap.fill(f"A: {result.answer}", width=100, subsequent_indent="   "))
-    print(f"Sources ({seconds:.1f} s):")
+def print_answer(result, show_passages: int, seconds: float, streamed: bool = False, first_token=None) -> None:
+    if not streamed:
+        print(f"\nQ: {result.question}")
+        print(textwrap.fill(f"A: {result.answer}", width=100, subsequent_indent="   "))
+    elif result.abstained:
+        print(f"   -> {result.answer} (the answer above is not supported by the documents)")
+    timing = f"{seconds:.1f} s" + (f", first token after {first_token:.1f} s" if first_token is not None else "")
+    confidence = f"confidence {result.confidence:.2f}" if result.confidence is not None else ""
+    if result.abstained:
+        print(f"Closest passages, which do not support an answer ({confidence}; {timing}):")
+    else:
+        print(f"Sources ({confidence}; {timing}):" if confidence else f"Sources ({timing}):")
     for s in result.sources:
         where = s.source or s.id
         print(f"  [{s.rank}] {s.title} ({where}), score {s.score:.3f}")
@@ -193,6 +211,39 @@ def print_answer(result, show_passages: int, seconds: float) -> None:
             snippet = snippet[:show_passages] + ("..." if len(snippet) > show_passages else "")
             print(textwrap.fill(snippet, width=100, initial_indent="      ", subsequent_indent="      "))
     sys.stdout.flush()
+
+
+def answer_streaming(model, question: str, overrides: dict, t0: float):
+    """Answers `question`, printing the answer's tokens as they come; returns `(RagAnswer, time to first token)`."""
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(model.tokenizer.generator, skip_prompt=True, skip_special_tokens=True)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["answer"] = model.answer([question], streamer=streamer, **overrides)[0]
+        except BaseException as err:  # handed to the main thread, which re-raises it
+            outcome["error"] = err
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    print(f"\nQ: {question}")
+    print("A: ", end="", flush=True)
+    first_token = None
+    for piece in streamer:
+        if piece and first_token is None:
+            first_token = time.perf_counter() - t0
+            piece = piece.lstrip()
+        print(piece, end="", flush=True)
+    thread.join()
+    print()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["answer"], first_token
 
 
 def set_threads(value: str) -> int:
@@ -218,14 +269,20 @@ def main(argv=None) -> int:
     model = build_or_load(args)
     overrides = {"n_docs": args.n_docs, "generation_mode": args.generation_mode, "max_new_tokens": args.max_new_tokens}
 
+    overrides["abstention_threshold"] = args.abstention_threshold
+
     def ask(question: str) -> bool:
         t0 = time.perf_counter()
         try:
-            result = model.answer([question], **overrides)[0]
+            if args.no_stream:
+                result = model.answer([question], **overrides)[0]
+                print_answer(result, args.show_passages, time.perf_counter() - t0)
+                return True
+            result, first_token = answer_streaming(model, question, overrides, t0)
         except RagInputError as err:  # e.g. a question too long for the generator: say so, no traceback
             print(f"error: {err}", file=sys.stderr)
             return False
-        print_answer(result, args.show_passages, time.perf_counter() - t0)
+        print_answer(result, args.show_passages, time.perf_counter() - t0, streamed=True, first_token=first_token)
         return True
 
     if args.interactive:

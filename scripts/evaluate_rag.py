@@ -16,7 +16,9 @@ Written by the main process into ``--output-dir`` (each file atomically):
 * ``results.json``: metrics, settings, model (path, revision, commit), machine, latency p50/p95;
 * ``predictions.jsonl``: one row per question (answer, gold answers, retrieved ids and scores,
   ranks of the first gold passage / answer-bearing passage, EM, F1, latency);
-* ``recall_at_k.png``: top-k accuracy against k, one line per measure.
+* ``recall_at_k.png``: top-k accuracy against k, one line per measure;
+* ``risk_coverage.png``: accuracy of the answered questions against the share answered, most confident
+  first (with ``--unanswerable``, answering a question the documents do not answer counts as wrong).
 
 Examples::
 
@@ -59,7 +61,13 @@ from tqdm.auto import tqdm
 
 import modeling_rag
 from modeling_rag import DataFormatError, RagError, RagForGeneration, RagInputError, load_metric, load_qa_examples
-from modeling_rag.constants import EVAL_RESULTS_NAME, PREDICTIONS_NAME, RECALL_PLOT_NAME, RESULTS_NAME
+from modeling_rag.constants import (
+    EVAL_RESULTS_NAME,
+    PREDICTIONS_NAME,
+    RECALL_PLOT_NAME,
+    RESULTS_NAME,
+    RISK_COVERAGE_PLOT_NAME,
+)
 from modeling_rag.library_output import configure_script_output
 from modeling_rag.metrics import answer_in_text
 from modeling_rag.utils.atomic import atomic_open, atomic_write_text
@@ -127,6 +135,38 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the model's config.retrieval. A missing BM25 index is built from the index's passages.",
     )
 
+    model.add_argument(
+        "--fusion",
+        choices=("weighted", "rrf"),
+        default=None,
+        help="How hybrid retrieval fuses the dense and BM25 rankings; default: the model's config.fusion.",
+    )
+    model.add_argument(
+        "--hybrid-alpha",
+        type=float,
+        default=None,
+        help="Weight of the dense score in weighted fusion (0..1); default: config.hybrid_alpha.",
+    )
+    model.add_argument(
+        "--fusion-normalization",
+        choices=("zscore", "minmax"),
+        default=None,
+        help="Per-query score normalisation of weighted fusion; default: config.fusion_normalization.",
+    )
+    model.add_argument(
+        "--reranker",
+        default=None,
+        help="A saved cross-encoder reranker folder (scripts/train_reranker.py) to rerank the first stage with, "
+        "or 'none' to evaluate without the model's reranker; default: the model's own (config.reranker).",
+    )
+    model.add_argument(
+        "--n-candidates",
+        type=positive_int,
+        default=None,
+        help="First-stage passages the reranker scores per question (at least max(--k-values) and --n-docs); "
+        "default: config.n_candidates.",
+    )
+
     data = parser.add_argument_group("questions")
     source = data.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -147,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Name of the evaluation data in results.json and the model card; default: the folder holding the "
         "questions file (or the dataset's name).",
+    )
+    data.add_argument(
+        "--unanswerable",
+        default=None,
+        help="A JSON-lines file of questions the documents do not answer (answers empty, e.g. SQuAD v2's "
+        "unanswerable ones), evaluated with the others: the share the model abstains on is reported, and "
+        "answering one counts as wrong in the coverage-accuracy curve.",
     )
     data.add_argument("--limit", type=positive_int, default=None, help="Evaluate only the first N questions.")
     data.add_argument(
@@ -189,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=GENERATION_MODES,
         default=None,
         help="How passages reach the generator; default: config.generation_mode.",
+    )
+    run.add_argument(
+        "--abstention-threshold",
+        type=float,
+        default=None,
+        help="Confidence below which the model abstains; default: the threshold stored in the model's config "
+        "(0: abstain only when the reader says the documents don't answer).",
     )
     run.add_argument("--retriever-only", action="store_true", help="Evaluate retrieval only: no generation, no EM/F1.")
     run.add_argument("--cpu", action="store_true", help="Run on the CPU even when an accelerator is available.")
@@ -298,6 +352,21 @@ def load_questions(args: argparse.Namespace):
         split = args.split
     if args.limit is not None:
         examples = examples[: args.limit]
+    for example in examples:
+        example.unanswerable = False
+    if args.unanswerable is not None:
+        extra = load_qa_examples(args.unanswerable, require_answers=False)
+        if args.limit is not None:
+            extra = extra[: args.limit]
+        for example in extra:
+            if example.answers:
+                raise DataFormatError(
+                    f"--unanswerable {args.unanswerable}: question {example.id!r} has answers; this file is for "
+                    "questions the documents do not answer."
+                )
+            example.unanswerable = True
+            example.positive_passage_ids = []  # the passage it was asked about does not answer it
+        examples = examples + extra
     if not any(e.answers or e.positive_passage_ids for e in examples):
         raise DataFormatError(
             "No question has gold answers or gold passage ids ('answers', 'positive_passage_ids'), so there is "
@@ -386,6 +455,17 @@ def prepare_retriever(
         retriever.rebuild_bm25()
     retriever.retrieval = mode
     model.config.retrieval = mode
+    for name in ("fusion", "hybrid_alpha", "fusion_normalization", "n_candidates"):
+        if getattr(args, name) is not None:
+            setattr(model.config, name, getattr(args, name))
+    if args.reranker is not None:
+        if args.reranker.lower() == "none":
+            model.set_reranker(None)
+        else:
+            from modeling_rag.reranker import CrossEncoderReranker
+
+            model.set_reranker(CrossEncoderReranker.load(args.reranker))
+    model.config.validate_rag()
     index = retriever.index
     facts = {
         "count": index.count,
@@ -394,6 +474,11 @@ def prepare_retriever(
         "encoder_name": index.encoder_name,
         "chunking": index.chunking,
         "bm25": retriever.bm25 is not None,
+        "fusion": {
+            k: getattr(model.config, k) for k in ("fusion", "hybrid_alpha", "fusion_normalization", "fusion_depth")
+        },
+        "reranker": repr(model.reranker) if model.reranker is not None else None,
+        "n_candidates": model.config.n_candidates if model.reranker is not None else None,
         "built_from": args.passages,
         "build_seconds": built_seconds,
     }
@@ -432,24 +517,21 @@ def evaluate_questions(
     retrieved = model.retrieve(questions, n_docs=depth)
     retrieval_seconds = (time.perf_counter() - start) / len(indices)
 
-    answers: list[str | None] = [None] * len(indices)
+    answers: list = [None] * len(indices)
     generation_seconds = None
     if not args.retriever_only:
         n_docs = min(args.n_docs, retrieved.row_ids.shape[1])
         start = time.perf_counter()
-        out = model.generate(
+        answers = model.answer(
             questions,
             passages=[p[:n_docs] for p in retrieved.passages],
             doc_scores=np.ascontiguousarray(retrieved.doc_scores[:, :n_docs]),
             generation_mode=args.generation_mode,
             max_new_tokens=args.max_new_tokens,
             do_sample=False,
-            return_dict_in_generate=True,
+            abstention_threshold=args.abstention_threshold,
         )
-        texts = model.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         generation_seconds = (time.perf_counter() - start) / len(indices)
-        per_question = len(texts) // len(indices)
-        answers = [texts[j * per_question].strip() for j in range(len(indices))]
 
     records = []
     for j, i in enumerate(indices):
@@ -460,7 +542,12 @@ def evaluate_questions(
                 "index": i,
                 "id": example.id,
                 "question": example.question,
-                "answer": answers[j],
+                "answer": answers[j].answer if answers[j] is not None else None,
+                "abstained": answers[j].abstained if answers[j] is not None else None,
+                "confidence": answers[j].confidence if answers[j] is not None else None,
+                "reader_answer": (answers[j].reader_answer or answers[j].answer) if answers[j] is not None else None,
+                "signals": answers[j].signals if answers[j] is not None else None,
+                "unanswerable": bool(getattr(example, "unanswerable", False)),
                 "gold_answers": list(example.answers),
                 "gold_passage_ids": list(example.positive_passage_ids),
                 "retrieved_ids": [str(p.get("id")) for p in passages],
@@ -534,16 +621,64 @@ def compute_metrics(records: list[dict], args: argparse.Namespace) -> dict[str, 
         scored = [r for r in records if r["gold_answers"]]
         answers: dict[str, Any] = {"num_scored": len(scored), "num_skipped_without_answers": len(records) - len(scored)}
         if scored:
-            result = load_metric("rag_answers", keep_in_memory=True).compute(
+            answer_metric = load_metric("rag_answers", keep_in_memory=True)
+            result = answer_metric.compute(
                 predictions=[r["answer"] for r in scored],
                 references=[r["gold_answers"] for r in scored],
                 return_per_example=True,
             )
+            # an abstention answers nothing: it scores 0, whatever words the no-answer response shares
             for r, em, f1 in zip(scored, result["exact_match_per_example"], result["f1_per_example"]):
-                r["exact_match"], r["f1"] = em, f1
-            answers.update(exact_match=result["exact_match"], f1=result["f1"])
+                r["exact_match"], r["f1"] = (0.0, 0.0) if r["abstained"] else (em, f1)
+            reader = answer_metric.compute(
+                predictions=[r["reader_answer"] for r in scored],
+                references=[r["gold_answers"] for r in scored],
+                return_per_example=True,
+            )
+            for r, f1 in zip(scored, reader["f1_per_example"]):
+                r["reader_f1"] = f1
+            answered = [r for r in scored if not r["abstained"]]
+            answers.update(
+                exact_match=float(np.mean([r["exact_match"] for r in scored])),
+                f1=float(np.mean([r["f1"] for r in scored])),
+                wrongly_abstained=float(np.mean([bool(r["abstained"]) for r in scored])),
+                num_answered=len(answered),
+                answered_exact_match=float(np.mean([r["exact_match"] for r in answered])) if answered else None,
+                answered_f1=float(np.mean([r["f1"] for r in answered])) if answered else None,
+            )
         metrics["answers"] = answers
+        unanswerable = [r for r in records if r["unanswerable"]]
+        if unanswerable:
+            metrics["abstention"] = {
+                "num_unanswerable": len(unanswerable),
+                "unanswerable_abstained": float(np.mean([bool(r["abstained"]) for r in unanswerable])),
+                "num_answerable": len(scored),
+                "answerable_abstained": answers.get("wrongly_abstained"),
+            }
+        metrics["risk_coverage"] = risk_coverage(scored + unanswerable)
     return metrics
+
+
+def risk_coverage(records: list[dict]) -> dict[str, Any]:
+    """Accuracy against coverage when answering only the most confident questions first.
+
+    A question's utility is the F1 (0-1) of the reader's own answer when it has gold answers, and 0 for an
+    unanswerable question (answering it is wrong); abstaining has no utility and no risk. Returns the curve
+    (coverage, accuracy of the answered) and its area (higher is better).
+    """
+    if not records:
+        return {"coverage": [], "accuracy": [], "area": None}
+    order = sorted(records, key=lambda r: -(r["confidence"] if r["confidence"] is not None else 0.0))
+    utility = np.array([(r.get("reader_f1") or 0.0) / 100.0 if not r["unanswerable"] else 0.0 for r in order])
+    answered = np.arange(1, len(order) + 1)
+    accuracy = np.cumsum(utility) / answered
+    coverage = answered / len(order)
+    return {
+        "coverage": [round(float(c), 4) for c in coverage],
+        "accuracy": [round(float(a), 4) for a in accuracy],
+        "area": float(np.mean(accuracy)),
+        "how": "questions sorted by confidence; accuracy = mean F1 (0-1) of the answered, unanswerable answered = 0",
+    }
 
 
 def timing_summary(records: list[dict], wall_seconds: float, args: argparse.Namespace) -> dict[str, Any]:
@@ -572,6 +707,11 @@ def prediction_rows(records: list[dict]) -> list[dict]:
         "id",
         "question",
         "answer",
+        "abstained",
+        "confidence",
+        "reader_answer",
+        "signals",
+        "unanswerable",
         "gold_answers",
         "gold_passage_ids",
         "retrieved_ids",
@@ -634,15 +774,50 @@ def plot_recall(path: str, retrieval: dict[str, Any], k_values: list[int], title
         plt.close(fig)
 
 
+def plot_risk_coverage(path: str, curve: dict[str, Any], title: str) -> None:
+    """risk_coverage.png: accuracy of the answered questions against the share answered (by confidence)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(curve["coverage"], curve["accuracy"], "-")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("coverage (share of questions answered, most confident first)")
+    ax.set_ylabel("accuracy of the answered (F1)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    try:
+        with atomic_open(path, binary=True) as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
+
+
 def eval_result_entries(metrics: dict, dataset_name: str, split: str, k_values: list[int]) -> list[dict]:
     """Model-card eval results (``model-index`` entries) for the main scores."""
     base = {"task_type": "question-answering", "dataset_name": dataset_name, "dataset_type": dataset_name}
     base["dataset_split"] = split
     entries = []
     answers = metrics.get("answers") or {}
-    for key, name in (("exact_match", "Exact match"), ("f1", "F1")):
+    for key, name in (
+        ("exact_match", "Exact match"),
+        ("f1", "F1"),
+        ("answered_f1", "F1 over answered questions"),
+    ):
         if answers.get(key) is not None:
             entries.append({**base, "metric_type": key, "metric_name": name, "metric_value": round(answers[key], 2)})
+    abstention = metrics.get("abstention") or {}
+    for key, name in (
+        ("unanswerable_abstained", "Unanswerable questions abstained (%)"),
+        ("answerable_abstained", "Answerable questions abstained (%)"),
+    ):
+        if abstention.get(key) is not None:
+            value = round(100 * abstention[key], 2)
+            entries.append({**base, "metric_type": key, "metric_name": name, "metric_value": value})
     retrieval = metrics["retrieval"]
     for k in k_values:
         key = f"top_{k}_accuracy"
@@ -689,10 +864,20 @@ def print_summary(accelerator: Accelerator, results: dict) -> None:
     for key, value in m["retrieval"].items():
         if isinstance(value, float):
             lines.append(f"  {key:28s} {value:.4f}")
-    for key in ("exact_match", "f1", "num_scored", "num_skipped_without_answers"):
+    for key in (
+        "exact_match",
+        "f1",
+        "answered_exact_match",
+        "answered_f1",
+        "wrongly_abstained",
+        "num_scored",
+        "num_skipped_without_answers",
+    ):
         if key in m.get("answers", {}):
             value = m["answers"][key]
             lines.append(f"  {key:28s} {value:.2f}" if isinstance(value, float) else f"  {key:28s} {value}")
+    for key, value in (m.get("abstention") or {}).items():
+        lines.append(f"  {key:28s} {value:.3f}" if isinstance(value, float) else f"  {key:28s} {value}")
     t = results["timing"]
     for part in ("retrieval_seconds", "generation_seconds", "total_seconds"):
         p = t[part]
@@ -727,10 +912,17 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     args.generation_mode = args.generation_mode or model.config.generation_mode
     args.max_new_tokens = args.max_new_tokens or model.config.max_new_tokens
     depth = max(max(args.k_values), args.n_docs)
+    if model.reranker is not None and model.config.n_candidates < depth:
+        raise RagInputError(
+            f"The reranker orders n_candidates={model.config.n_candidates} passages per question, fewer than the "
+            f"{depth} the metrics need (max of --k-values and --n-docs); pass --n-candidates {depth} or smaller "
+            "--k-values."
+        )
 
     accelerator.print(
         f"Evaluating {len(examples)} questions on {accelerator.num_processes} process(es), {retriever_mode} "
         f"retrieval of {depth} passages over {index_facts['count']}"
+        + ("" if model.reranker is None else f", reranking {model.config.n_candidates} candidates")
         + ("" if args.retriever_only else f", generating from {args.n_docs} ({args.generation_mode})")
     )
     with torch.no_grad():
@@ -769,6 +961,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
         args.k_values,
         f"{dataset_name} ({split}), {retriever_mode} retrieval",
     )
+    if "risk_coverage" in metrics and metrics["risk_coverage"]["coverage"]:
+        plot_risk_coverage(
+            os.path.join(out, RISK_COVERAGE_PLOT_NAME),
+            metrics["risk_coverage"],
+            f"{dataset_name} ({split}): answer only when confident",
+        )
     if args.update_model_card:
         if model_info["local"]:
             entries = eval_result_entries(metrics, dataset_name, split, args.k_values)

@@ -33,6 +33,7 @@ from modeling_rag.training import (
     apply_lora,
     broadcast_from_main,
     build_parser,
+    cast_for_saving,
     check_positive,
     create_accelerator,
     enable_gradient_checkpointing,
@@ -40,6 +41,7 @@ from modeling_rag.training import (
     load_rag_model,
     load_training_examples,
     merge_lora,
+    negative_positions,
     parse_args,
     passage_lookup,
     require,
@@ -76,6 +78,29 @@ def get_parser():
         default=None,
         help="A JSON file caching the up-front retrieval of the training and validation questions "
         "(reused when it matches the questions and n_docs).",
+    )
+    g.add_argument(
+        "--unanswerable-file",
+        default=None,
+        help="Questions the passages do not answer (.jsonl; answers empty, e.g. SQuAD v2's unanswerable ones): "
+        "their target is the model's no-answer response (config.no_answer_text), so the reader learns to say "
+        "so instead of guessing. With --include-gold-passage, the passage each was asked about (its "
+        "asked_about_passage_id / hard negatives) is put in its context.",
+    )
+    g.add_argument(
+        "--max-unanswerable-examples", type=int, default=None, help="Use only the first N unanswerable questions."
+    )
+    g.add_argument(
+        "--no-answer-text",
+        default=None,
+        help="The no-answer response to train (stored in the saved config); default: the config's no_answer_text.",
+    )
+    g.add_argument(
+        "--save-adapter",
+        default=None,
+        help="With --lora: also save the LoRA adapter and the reader settings (no-answer response, context, "
+        "prompt) into this folder, before merging: a reader that ships as a small adapter over the base "
+        "generator (modeling_rag.readers).",
     )
     g.add_argument("--eval-before-training", action="store_true", help="Measure EM / F1 on --dev-file before training.")
     return parser
@@ -125,6 +150,8 @@ def main(argv=None) -> dict:
     model.question_encoder.requires_grad_(False)
     if model.context_encoder is not None:
         model.context_encoder.requires_grad_(False)
+    if args.save_adapter and not args.lora:
+        raise RagConfigError("--save-adapter saves LoRA adapters: add --lora.")
     if args.lora:
         apply_lora(model, args)
     if args.gradient_checkpointing:
@@ -138,13 +165,33 @@ def main(argv=None) -> dict:
         if args.dev_file
         else None
     )
+    if args.no_answer_text:
+        model.config.no_answer_text = args.no_answer_text
+    n_answerable = len(train)
+    if args.unanswerable_file:
+        unanswerable = load_training_examples(
+            args.unanswerable_file,
+            require_answers=False,
+            known_passage_ids=set(by_id),
+            limit=args.max_unanswerable_examples,
+        )
+        for ex in unanswerable:
+            ex.answers = [model.config.no_answer_text]
+        train = train + unanswerable
+        logger.info(
+            "Training on %d answerable and %d unanswerable questions (target %r)",
+            n_answerable,
+            len(unanswerable),
+            model.config.no_answer_text,
+        )
     (train_passages, train_scores), (dev_passages, dev_scores) = broadcast_from_main(
         accelerator, lambda: _cached_retrieval(model, args, train, dev, n_docs)
     )
     if args.include_gold_passage:
         replaced = 0
         for i, ex in enumerate(train):
-            gold = gold_positions(ex, by_id, passages)
+            # answerable: the gold passage; unanswerable: the tempting passage it was written against
+            gold = gold_positions(ex, by_id, passages) if i < n_answerable else negative_positions(ex, by_id, passages)
             got = {p.get("row_id") for p in train_passages[i]}
             if gold and not any(passages[g]["row_id"] in got for g in gold):
                 g = passages[gold[0]]
@@ -202,6 +249,21 @@ def main(argv=None) -> dict:
         trainer.end()
         return result
     model = accelerator.unwrap_model(trainer.module)
+    if args.lora and args.save_adapter and accelerator.is_main_process:
+        from modeling_rag.assets import DEFAULT_GENERATOR, is_default_generator
+        from modeling_rag.readers import save_reader
+
+        base = DEFAULT_GENERATOR if args.generator and is_default_generator(args.generator) else args.generator
+        notes = {
+            "answerable_questions": n_answerable,
+            "unanswerable_questions": len(train) - n_answerable,
+            "steps": trainer.state.global_step,
+            "seconds": round(time.time() - t_start, 1),
+        }
+        cast_for_saving(model, args.save_dtype, original_dtype)
+        logger.info(
+            "Saved the reader adapter to %s", save_reader(model, args.save_adapter, base_generator=base, notes=notes)
+        )
     if args.lora:
         merge_lora(model)
     model.eval()

@@ -156,6 +156,27 @@ def test_demo_with_the_real_default_models(tmp_path, capsys):
     assert "Loaded the RAG model" in capsys.readouterr().out
 
 
+def test_demo_streams_the_answer_and_marks_an_abstention(tiny_model_folders, tmp_path, capsys):
+    demo = load_demo()
+    base = [
+        "--question-encoder", str(tiny_model_folders / "qe"),
+        "--generator", str(tiny_model_folders / "gen"),
+        "--model-dir", str(tmp_path / "model"),
+        "--max-new-tokens", "6",
+    ]  # fmt: skip
+    assert demo.main([*base, "--no-stream", "What is the capital of Mongolia?"]) == 0
+    whole = [line for line in capsys.readouterr().out.splitlines() if line.startswith("A: ")]
+    assert demo.main([*base, "What is the capital of Mongolia?"]) == 0
+    streamed = capsys.readouterr().out
+    assert [line for line in streamed.splitlines() if line.startswith("A: ")] == whole  # same words, streamed
+    assert "first token after" in streamed and "confidence" in streamed
+    # a threshold nothing reaches: the answer is withheld and the passages are marked as not supporting one
+    assert demo.main([*base, "--abstention-threshold", "1.0", "What is the capital of Mongolia?"]) == 0
+    out = capsys.readouterr().out
+    assert "-> The documents don't say." in out
+    assert "Closest passages, which do not support an answer" in out
+
+
 def test_demo_too_long_question_is_a_one_line_error(tiny_model_folders, tmp_path, capsys):
     demo = load_demo()
     args = [

@@ -46,7 +46,9 @@ def test_the_task_loads_a_saved_folder_and_answers_like_the_model(rag, saved_rag
     assert isinstance(rag, RagQuestionAnsweringPipeline)
     assert rag.device == torch.device("cpu")
     out = rag("How do I book travel?")
-    assert set(out) == {"question", "answer", "sources"}  # tiny answers have no abstention field
+    assert set(out) == {"question", "answer", "sources", "abstained", "confidence"}
+    direct = modeling_rag.RagForGeneration.from_pretrained(saved_rag).answer(["How do I book travel?"])[0]
+    assert (out["abstained"], out["confidence"]) == (direct.abstained, pytest.approx(direct.confidence))
     assert len(out["sources"]) == 2 and set(out["sources"][0]) == {"id", "title", "score"}
     assert {s["id"] for s in out["sources"]} <= {p["id"] for p in TINY_PASSAGES}
     model = modeling_rag.RagForGeneration.from_pretrained(saved_rag)

@@ -65,6 +65,52 @@ def test_hybrid_weighted_extremes(crafted):
     assert bm25_only.retrieve(QUERY, 3, questions=QUESTION).row_ids.tolist() == [[3, 2, 1]]
 
 
+def test_weighted_fusion_zscores_each_side(crafted):
+    """The fused score is alpha * z(dense) + (1 - alpha) * z(bm25), z over each side's own scores."""
+    index, bm25 = crafted
+    d_scores, d_ids = index.search(QUERY, 5)
+    b_scores, b_ids = bm25.search(QUESTION, 5)
+    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
+    expected = {}
+    for rid, s in zip(d_ids[0], z(d_scores[0].astype(np.float64))):
+        expected[int(rid)] = 0.7 * s
+    for rid, s in zip(b_ids[0], z(b_scores[0].astype(np.float64))):
+        expected[int(rid)] += 0.3 * s
+    top = sorted(expected, key=lambda r: -expected[r])
+    out = RagRetriever(index, bm25, retrieval="hybrid", hybrid_alpha=0.7).retrieve(QUERY, 5, questions=QUESTION)
+    assert out.row_ids[0].tolist() == top
+    np.testing.assert_allclose(out.doc_scores[0], [expected[r] for r in top], rtol=1e-5)
+
+
+def test_weighted_fusion_ignores_each_querys_score_scale(crafted, monkeypatch):
+    """Raw BM25 scores vary several-fold between questions; a per-query normalised fusion does not care."""
+    index, bm25 = crafted
+    retriever = RagRetriever(index, bm25, retrieval="hybrid", hybrid_alpha=0.5)
+    before = retriever.retrieve(QUERY, 5, questions=QUESTION)
+    search = bm25.search
+    monkeypatch.setattr(bm25, "search", lambda qs, k: (lambda s, i: (s * 25.0, i))(*search(qs, k)))
+    after = retriever.retrieve(QUERY, 5, questions=QUESTION)
+    assert after.row_ids.tolist() == before.row_ids.tolist()
+    np.testing.assert_allclose(after.doc_scores, before.doc_scores, rtol=1e-5)
+
+
+def test_fused_ranking_does_not_depend_on_n_docs(crafted):
+    index, bm25 = crafted
+    for fusion in ("weighted", "rrf"):
+        retriever = RagRetriever(index, bm25, retrieval="hybrid", fusion=fusion)
+        full = retriever.retrieve(QUERY, 5, questions=QUESTION)
+        for n in (1, 2, 3):
+            assert retriever.retrieve(QUERY, n, questions=QUESTION).row_ids[0].tolist() == full.row_ids[0][:n].tolist()
+
+
+def test_fusion_settings_are_checked(crafted):
+    index, bm25 = crafted
+    with pytest.raises(RagConfigError, match="fusion_normalization"):
+        RagRetriever(index, bm25, fusion_normalization="softmax")
+    with pytest.raises(RagConfigError, match="fusion_depth"):
+        RagRetriever(index, bm25, fusion_depth=0)
+
+
 def test_retrieve_errors(crafted):
     index, bm25 = crafted
     with pytest.raises(RagInputError, match="question_embeddings"):
@@ -244,3 +290,29 @@ def test_real_minilm_on_squad_passages(monkeypatch):
         out = retriever.retrieve(q, 5, questions=questions)
         top5 = np.mean([any(p["id"] in d["positive_passage_ids"] for p in ps) for d, ps in zip(dev, out.passages)])
         assert top5 >= minimum, (mode, top5)
+
+
+def test_fusion_settings_save_and_load(tmp_path, crafted):
+    index, bm25 = crafted
+    RagRetriever(index, bm25, retrieval="hybrid", fusion_normalization="minmax", fusion_depth=7).save(tmp_path / "i")
+    loaded = RagRetriever.load(tmp_path / "i")
+    assert (loaded.fusion, loaded.fusion_normalization, loaded.fusion_depth) == ("weighted", "minmax", 7)
+    # a retriever saved before normalisation was a setting fused with min-max scaling
+    cfg = json.loads((tmp_path / "i" / INDEX_CONFIG_NAME).read_text())
+    del cfg["retriever"]["fusion_normalization"], cfg["retriever"]["fusion_depth"]
+    (tmp_path / "i" / INDEX_CONFIG_NAME).write_text(json.dumps(cfg))
+    old = RagRetriever.load(tmp_path / "i", verify_checksums=False)
+    assert (old.fusion_normalization, old.fusion_depth) == ("minmax", 100)
+
+
+def test_the_model_config_decides_the_fusion(tmp_path):
+    from conftest import TINY_PASSAGES, make_tiny_rag
+
+    model = make_tiny_rag("gpt2", retrieval="hybrid", fusion="rrf", hybrid_alpha=0.3, fusion_depth=4)
+    corpus = tmp_path / "p.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in TINY_PASSAGES))
+    model.build_index(str(corpus), show_progress=False)
+    model.retriever.fusion = "weighted"  # the config is where the model keeps it
+    model.retrieve(["Who was Rollo?"])
+    r = model.retriever
+    assert (r.fusion, r.hybrid_alpha, r.fusion_depth) == ("rrf", 0.3, 4)

@@ -26,6 +26,8 @@ SCRIPTS = {
     "retriever": "train_retriever.py",
     "generator": "train_generator.py",
     "rag": "train_rag.py",
+    "reranker": "train_reranker.py",
+    "reader": "train_generator.py",  # the shipped reader's recipe
 }
 
 QUESTIONS = [
@@ -139,8 +141,12 @@ def test_recipe_drives_its_script(config, tiny, tmp_path):
         "--logging-steps",
         "1",
     ]
-    if name == "generator":
+    if name in ("generator", "reader"):
         argv += ["--retrieval-cache", str(tmp_path / "retrieval.json"), "--eval-max-new-tokens", "3"]
+    if name == "reader":
+        unanswerable = [{"question": "Who was the king of Italy?", "answers": [], "asked_about_passage_id": "italy"}]
+        argv += ["--unanswerable-file", _write_jsonl(tmp_path / "u.jsonl", unanswerable)]
+        argv += ["--save-adapter", str(tmp_path / "adapter"), "--lora-r", "4", "--max-dev-examples", "2"]
     if name == "rag":
         argv += ["--eval-max-new-tokens", "3", "--max-dev-examples", "2"]
     result = script.main(argv)
@@ -153,8 +159,12 @@ def test_recipe_drives_its_script(config, tiny, tmp_path):
 
     saved = RagForGeneration.from_pretrained(out / "final")  # index included and verified
     assert saved.retriever is not None
-    if name == "generator":
+    if name in ("generator", "reader"):
         assert saved.config.n_docs == 3 and os.path.isfile(tmp_path / "retrieval.json")
+    if name == "reader":
+        from modeling_rag.readers import read_reader_config
+
+        assert read_reader_config(tmp_path / "adapter")["settings"]["n_docs"] == 3
     if name == "rag":
         assert saved.config.generation_mode == "rag_sequence"
 
@@ -167,7 +177,7 @@ def test_recipe_finds_its_data_from_any_working_directory(config, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     name = os.path.splitext(os.path.basename(config))[0]
     args = parse_args(_script(name).get_parser(), ["--config", os.path.relpath(config, tmp_path)])
-    for key in ("corpus", "train_file", "dev_file"):
+    for key in ("corpus", "train_file", "dev_file") + (("unanswerable_file",) if name == "reader" else ()):
         assert os.path.isabs(getattr(args, key)) and os.path.isfile(getattr(args, key)), key
         assert os.path.commonpath([getattr(args, key), ROOT]) == ROOT  # the repository's own data
     passage_ids = {doc.id for doc in read_corpus(args.corpus)}
@@ -570,3 +580,38 @@ def test_a_checkpoint_pruned_when_the_run_dies_is_not_taken_for_a_checkpoint(tmp
     with pytest.raises(KeyboardInterrupt):
         trainer._discard(str(root / "step_2"))
     assert trainer.list_checkpoints(str(tmp_path)) == [str(root / "step_4")]
+
+
+def test_generator_trains_a_reader_on_unanswerable_questions_and_saves_its_adapter(tiny, tmp_path):
+    """Unanswerable questions are trained towards the no-answer response; the adapter is saved as a reader."""
+    unanswerable = _write_jsonl(
+        tmp_path / "unanswerable.jsonl",
+        [
+            {"question": "Who was the king of Italy?", "answers": [], "asked_about_passage_id": "italy"},
+            {"question": "How many phones are there?", "answers": [], "asked_about_passage_id": "phones"},
+        ],
+    )
+    out = tmp_path / "out"
+    result = _script("generator").main(
+        [
+            *("--model", tiny["model"], "--train-file", tiny["train"], "--output-dir", str(out), "--cpu"),
+            *("--unanswerable-file", unanswerable, "--include-gold-passage", "--no-answer-text", "No idea."),
+            *("--lora", "--lora-r", "4", "--save-adapter", str(tmp_path / "reader"), "--batch-size", "5"),
+            *("--max-train-steps", "2", "--logging-steps", "1", "--n-docs", "2"),
+        ]
+    )
+    assert [s for s, _ in _losses(out)] == [1, 2] and "history" in result
+    from modeling_rag.readers import read_reader_config
+
+    config = read_reader_config(tmp_path / "reader")
+    assert config["settings"]["no_answer_text"] == "No idea." and config["settings"]["n_docs"] == 2
+    assert config["notes"]["answerable_questions"] == len(QUESTIONS) and config["notes"]["unanswerable_questions"] == 2
+    from modeling_rag import RagForGeneration
+
+    saved = RagForGeneration.from_pretrained(out / "final")
+    assert saved.config.no_answer_text == "No idea."
+    with pytest.raises(RagConfigError, match="--lora"):
+        _script("generator").main(
+            ["--model", tiny["model"], "--train-file", tiny["train"], "--output-dir", str(tmp_path / "x")]
+            + ["--save-adapter", str(tmp_path / "r2"), "--cpu"]
+        )

@@ -19,7 +19,14 @@ from .cli import (
     parse_args,
     require,
 )
-from .data import EpochSampler, gold_positions, load_training_examples, passage_lookup, passage_texts
+from .data import (
+    EpochSampler,
+    gold_positions,
+    load_training_examples,
+    negative_positions,
+    passage_lookup,
+    passage_texts,
+)
 from .evaluation import (
     answer_metrics,
     dense_topk,
@@ -33,6 +40,7 @@ from .evaluation import (
 from .model_setup import (
     apply_context_args,
     apply_lora,
+    cast_for_saving,
     enable_gradient_checkpointing,
     freeze_passage_side,
     freeze_unused_pooler,
@@ -53,6 +61,7 @@ __all__ = [
     "apply_lora",
     "broadcast_from_main",
     "build_parser",
+    "cast_for_saving",
     "check_positive",
     "create_accelerator",
     "dense_topk",
@@ -65,6 +74,7 @@ __all__ = [
     "load_rag_model",
     "load_training_examples",
     "merge_lora",
+    "negative_positions",
     "parse_args",
     "passage_lookup",
     "passage_texts",

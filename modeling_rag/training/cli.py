@@ -241,7 +241,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 
 # Recipe options that name input files: a relative value is read from the recipe's own folder, so that
 # a recipe runs from any working directory. Outputs (`output_dir`) stay relative to where the user runs.
-RECIPE_INPUT_PATH_OPTIONS = ("corpus", "train_file", "dev_file")
+RECIPE_INPUT_PATH_OPTIONS = ("corpus", "train_file", "dev_file", "unanswerable_file")
 # Options that may be a local folder or a Hub id: resolved against the recipe only where that path exists.
 RECIPE_MODEL_PATH_OPTIONS = ("model", "question_encoder", "generator")
 

@@ -114,6 +114,14 @@ def gold_positions(example: QAExample, by_id: dict[str, int], passages: list[dic
     return sorted(set(out))
 
 
+def negative_positions(example: QAExample, by_id: dict[str, int], passages: list[dict]) -> list[int]:
+    """Positions of the example's hard-negative passages in `passages` (chunks of those documents included)."""
+    out: list[int] = []
+    for pid in example.hard_negative_passage_ids:
+        out.extend(positions_of(pid, by_id, passages))
+    return sorted(set(out))
+
+
 class EpochSampler(Sampler[int]):
     """Indices `0..n-1`, shuffled with a permutation that depends only on `seed` and the epoch.
 

@@ -153,6 +153,8 @@ def reencode_retriever(model, *, batch_size: int = 64, accelerator=None):
         fusion=old.fusion,
         rrf_k=old.rrf_k,
         hybrid_alpha=old.hybrid_alpha,
+        fusion_normalization=old.fusion_normalization,
+        fusion_depth=old.fusion_depth,
     )
     if old.passage_tokens is not None and model.tokenizer is not None:  # row ids are new: store them again
         retriever.store_passage_tokens(model.tokenizer.generator, show_progress=False)

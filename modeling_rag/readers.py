@@ -1,0 +1,133 @@
+"""Reader adapters: a trained generator shipped as a small LoRA adapter (peft) over base weights that an
+installed package provides, never as a full copy of the weights.
+
+A reader folder holds peft's ``adapter_config.json`` and ``adapter_model.safetensors`` and our
+``reader_config.json``: the base generator it was trained on, the no-answer response it was taught, the
+context it was trained with (passages, token budget, prompt) and, when fitted, the abstention calibration
+(`modeling_rag.abstention`). `apply_reader` merges the adapter into a model's generator and copies those
+settings into the model's config, so the model answers as the reader was trained and evaluated.
+
+``train_generator.py --lora --save-adapter DIR`` writes such a folder; ``scripts/calibrate_abstention.py
+--reader DIR`` adds the calibration. The package ships its readers under ``modeling_rag/readers/`` (see
+`SHIPPED_READERS`); `from_pretrained_question_encoder_generator` applies the one trained for the default
+generator unless told ``reader_adapter=None``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import RagConfigError
+
+__all__ = [
+    "READER_CONFIG_NAME",
+    "READER_SETTINGS",
+    "SHIPPED_READERS",
+    "apply_reader",
+    "read_reader_config",
+    "save_reader",
+    "shipped_reader_path",
+]
+
+READER_CONFIG_NAME = "reader_config.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+READER_FORMAT_VERSION = 1
+# RagConfig fields a reader carries: how it was trained to read, and when it abstains
+READER_SETTINGS = (
+    "no_answer_text",
+    "n_docs",
+    "max_input_tokens",
+    "max_passage_tokens",
+    "instruction",
+    "prompt_template",
+    "passage_template",
+    "use_chat_template",
+    "abstention",
+)
+# base generator name (modeling_rag.assets) -> the reader shipped for it, a folder inside this package
+SHIPPED_READERS = {"SmolLM2-135M-Instruct": "readers_data/smollm2-135m-squad"}
+
+
+def shipped_reader_path(base_generator: str) -> str | None:
+    """The folder of the reader the package ships for `base_generator`, or ``None`` when it ships none."""
+    relative = SHIPPED_READERS.get(base_generator)
+    if relative is None:
+        return None
+    folder = Path(__file__).parent / relative
+    return str(folder) if all((folder / f).is_file() for f in (*ADAPTER_FILES, READER_CONFIG_NAME)) else None
+
+
+def read_reader_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The reader's ``reader_config.json``; raises `RagConfigError` saying what is missing or wrong."""
+    folder = Path(folder)
+    missing = [f for f in (*ADAPTER_FILES, READER_CONFIG_NAME) if not (folder / f).is_file()]
+    if missing:
+        raise RagConfigError(
+            f"{folder} is not a reader adapter folder: {', '.join(missing)} missing. A reader folder is written by "
+            "`train_generator.py --lora --save-adapter DIR`."
+        )
+    try:
+        config = json.loads((folder / READER_CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RagConfigError(f"{folder / READER_CONFIG_NAME} is not valid JSON ({err}); re-save the reader.") from None
+    if not isinstance(config, dict) or not isinstance(config.get("settings"), dict):
+        raise RagConfigError(f"{folder / READER_CONFIG_NAME} must be an object with a 'settings' object.")
+    unknown = sorted(set(config["settings"]) - set(READER_SETTINGS))
+    if unknown:
+        raise RagConfigError(
+            f"{folder / READER_CONFIG_NAME}: unknown settings {unknown}; known: {list(READER_SETTINGS)}."
+        )
+    return config
+
+
+def save_reader(model, folder: str | os.PathLike, *, base_generator: str, notes: dict | None = None) -> str:
+    """Saves `model.generator`'s LoRA adapter (a peft model, before merging) and the reader settings of
+    `model.config` into `folder`; returns the folder."""
+    from .utils.atomic import atomic_write_text
+
+    if not hasattr(model.generator, "peft_config"):
+        raise RagConfigError("save_reader needs a generator with LoRA adapters (train with --lora).")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.generator.save_pretrained(folder, safe_serialization=True)
+    settings = {name: getattr(model.config, name) for name in READER_SETTINGS}
+    config = {
+        "format_version": READER_FORMAT_VERSION,
+        "base_generator": base_generator,
+        "base_model_type": model.config.generator.model_type,
+        "base_vocab_size": int(model.config.generator.vocab_size),
+        "settings": settings,
+        "notes": notes or {},
+    }
+    atomic_write_text(str(folder / READER_CONFIG_NAME), json.dumps(config, indent=2, ensure_ascii=False))
+    return str(folder)
+
+
+def apply_reader(model, folder: str | os.PathLike) -> dict[str, Any]:
+    """Merges the reader adapter in `folder` into `model.generator` and sets its settings on `model.config`.
+
+    Raises `RagConfigError` when the adapter was trained on another kind of generator. Returns the reader's
+    config (base, settings, notes).
+    """
+    from peft import PeftModel
+
+    config = read_reader_config(folder)
+    gen_config = model.config.generator
+    if config.get("base_model_type") != gen_config.model_type or int(config.get("base_vocab_size", -1)) != int(
+        gen_config.vocab_size
+    ):
+        raise RagConfigError(
+            f"The reader in {folder} was trained on a {config.get('base_model_type')} generator with a vocabulary of "
+            f"{config.get('base_vocab_size')} ({config.get('base_generator')}), but this model's generator is a "
+            f"{gen_config.model_type} with {gen_config.vocab_size}; use the generator it was trained on."
+        )
+    merged = PeftModel.from_pretrained(model.generator, str(folder)).merge_and_unload()
+    model.generator = merged
+    for name, value in config["settings"].items():
+        setattr(model.config, name, value)
+    model.config.validate_rag()
+    model.clear_caches()  # the prompt settings may have changed
+    return config

@@ -1,0 +1,200 @@
+"""Abstention: the signals are what they claim, the fitted rule keeps its false-abstention budget, and
+answer() says "the documents don't say" (keeping the reader's words and the closest sources)."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_PASSAGES, make_tiny_rag
+from transformers import TextIteratorStreamer
+
+from modeling_rag import RagConfig, RagConfigError, RagForGeneration, RagInputError
+from modeling_rag.abstention import (
+    ABSTENTION_FEATURES,
+    AbstentionCalibration,
+    AnswerLogprobRecorder,
+    AnswerSignals,
+    abstain_decisions,
+    fit_abstention,
+    is_no_answer,
+)
+
+QUESTIONS = ["Who was the Norse leader?", "What is the capital of France?"]
+PASSAGES = [[TINY_PASSAGES[0], TINY_PASSAGES[1]], [TINY_PASSAGES[1], TINY_PASSAGES[2]]]
+
+
+def test_is_no_answer_ignores_case_punctuation_and_what_follows():
+    text = "The documents don't say."
+    assert is_no_answer("The documents don't say.", text)
+    assert is_no_answer("the documents don’t say", text)
+    assert is_no_answer("The documents don't say who won.", text)
+    assert not is_no_answer("The documents say Rollo.", text)
+    assert not is_no_answer("", text)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bart"])
+def test_recorded_answer_logprob_equals_teacher_forced_scoring(kind):
+    """The recorder's mean log-probability of the greedy answer is the one a teacher-forced pass gives."""
+    model = make_tiny_rag(kind, "concat", seed=3)
+    recorder = AnswerLogprobRecorder(no_answer_first_token=5)
+    from transformers import LogitsProcessorList
+
+    out = model.generate(
+        QUESTIONS[:1],
+        passages=PASSAGES[:1],
+        max_new_tokens=6,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([recorder]),
+        return_dict_in_generate=True,
+    )
+    mean, margin = recorder.finish(out.sequences, model.generation_config.eos_token_id)
+    answer_ids = out.sequences[0].tolist()
+    eos = model.generation_config.eos_token_id
+    if eos in answer_ids:
+        answer_ids = answer_ids[: answer_ids.index(eos) + 1]
+    batch = model.prepare_inputs(QUESTIONS[:1], passages=PASSAGES[:1], for_generation=True)
+    ids = batch["context_input_ids"]
+    with torch.no_grad():
+        if model.is_generator_encoder_decoder:
+            start = torch.tensor([[model.generator.config.decoder_start_token_id, *answer_ids[:-1]]])
+            logits = model.generator(input_ids=ids, decoder_input_ids=start).logits[0]
+        else:
+            full = torch.cat([ids, torch.tensor([answer_ids])], dim=1)
+            logits = model.generator(input_ids=full).logits[0, ids.shape[1] - 1 : -1]
+    lp = torch.log_softmax(logits, -1)
+    expected = lp[torch.arange(len(answer_ids)), torch.tensor(answer_ids)].mean().item()
+    assert mean[0] == pytest.approx(expected, abs=1e-4)
+    first = lp[0]
+    assert margin[0] == pytest.approx((first[5] - first[answer_ids[0]]).item(), abs=1e-4)
+    assert margin[0] <= 1e-6  # greedy chose the most likely first token
+
+
+def _signals(rng, n, similarity, logprob, says=0.0):
+    return AnswerSignals(
+        max_similarity=rng.normal(similarity, 0.1, n),
+        answer_logprob=rng.normal(logprob, 0.5, n),
+        no_answer_margin=rng.normal(-2.0, 0.5, n),
+        says_no_answer=np.full(n, says),
+    )
+
+
+def test_fitted_rule_keeps_its_false_abstention_budget_and_separates():
+    rng = np.random.default_rng(0)
+    answerable = _signals(rng, 200, similarity=0.6, logprob=-0.5)
+    unanswerable = _signals(rng, 200, similarity=0.2, logprob=-2.0)
+    cal = fit_abstention(answerable, unanswerable, max_false_abstention=0.05, fitted_on="synthetic")
+    abst_a, conf_a = abstain_decisions(answerable, cal)
+    abst_u, conf_u = abstain_decisions(unanswerable, cal)
+    assert abst_a.mean() <= 0.05 and abst_u.mean() >= 0.9
+    assert ((0 <= conf_a) & (conf_a <= 1)).all() and conf_a.mean() > conf_u.mean()
+    assert cal.dev_metrics["answerable_abstained"] == pytest.approx(abst_a.mean())
+    # a round trip through the config keeps the rule
+    again = AbstentionCalibration.from_dict(cal.to_dict())
+    np.testing.assert_allclose(again.confidence(unanswerable.matrix()), conf_u)
+
+
+def test_reader_saying_no_answer_always_abstains():
+    rng = np.random.default_rng(1)
+    signals = _signals(rng, 10, similarity=0.9, logprob=-0.1, says=1.0)
+    for cal in (None, AbstentionCalibration(weights=[0.0] * 4, bias=10.0, threshold=0.1)):
+        abstained, confidence = abstain_decisions(signals, cal)
+        assert abstained.all() and (confidence == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("abstention", "match"),
+    [
+        ({"weights": [1.0], "bias": 0.0, "threshold": 0.5}, "abstention.weights"),
+        ({"weights": [0.0] * 4, "bias": 0.0, "threshold": 1.5}, "abstention.threshold"),
+        ({"weights": [0.0] * 4, "bias": 0.0}, "abstention"),
+        ("always", "abstention must be a dict"),
+    ],
+)
+def test_bad_abstention_config_names_the_field(abstention, match):
+    with pytest.raises(RagConfigError, match=match):
+        RagConfig(abstention=abstention)
+
+
+def test_answer_abstains_below_the_threshold_and_keeps_sources(tmp_path):
+    model = make_tiny_rag("gpt2", "concat", max_new_tokens=6)
+    # a rule that is never confident: every answer is replaced, the reader's words and sources kept
+    model.config.abstention = AbstentionCalibration(weights=[0.0] * 4, bias=-5.0, threshold=0.5).to_dict()
+    answers = model.answer(QUESTIONS, passages=PASSAGES)
+    for a in answers:
+        assert a.abstained and a.answer == model.config.no_answer_text
+        assert a.reader_answer is not None and 0 <= a.confidence < 0.5
+        assert [s.id for s in a.sources][:1] in (["normans"], ["france"])
+    # the threshold is overridable per call
+    kept = model.answer(QUESTIONS, passages=PASSAGES, abstention_threshold=0.0)
+    assert not any(a.abstained for a in kept) and all(a.reader_answer is None for a in kept)
+    assert [a.answer for a in kept] == [a.reader_answer for a in answers]
+    with pytest.raises(RagInputError, match="abstention_threshold"):
+        model.answer(QUESTIONS[:1], passages=PASSAGES[:1], abstention_threshold=2.0)
+    # saved and loaded with the model
+    model.save_pretrained(tmp_path / "m")
+    loaded = RagForGeneration.from_pretrained(tmp_path / "m")
+    assert loaded.config.abstention == model.config.abstention
+    assert all(a.abstained for a in loaded.answer(QUESTIONS, passages=PASSAGES))
+
+
+def test_uncalibrated_confidence_is_the_readers_token_probability():
+    model = make_tiny_rag("gpt2", "concat", max_new_tokens=6)
+    answers = model.answer(QUESTIONS, passages=PASSAGES)
+    assert all(0.0 < a.confidence <= 1.0 and not a.abstained for a in answers)
+
+
+def test_features_order_is_the_documented_one():
+    assert ABSTENTION_FEATURES == ("max_similarity", "answer_logprob", "no_answer_margin", "says_no_answer")
+
+
+def test_streamer_receives_the_answer_as_it_is_generated():
+    model = make_tiny_rag("gpt2", "concat", max_new_tokens=8)
+    streamer = TextIteratorStreamer(model.tokenizer.generator, skip_prompt=True, skip_special_tokens=True)
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.update(a=model.answer(QUESTIONS[:1], passages=PASSAGES[:1], streamer=streamer))
+    )
+    thread.start()
+    pieces = list(streamer)
+    thread.join()
+    assert "".join(pieces).strip() == result["a"][0].answer
+    with pytest.raises(RagInputError, match="one question"):
+        model.answer(QUESTIONS, passages=PASSAGES, streamer=streamer)
+
+
+def test_calibrate_script_writes_the_rule_into_the_model_and_reader(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("calibrate", os.path.join(root, "scripts", "calibrate_abstention.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    model = make_tiny_rag("gpt2", "concat", max_new_tokens=4, n_docs=2)
+    corpus = tmp_path / "passages.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in TINY_PASSAGES))
+    model.build_index(str(corpus), show_progress=False)
+    model.save_pretrained(tmp_path / "m")
+    answerable = tmp_path / "a.jsonl"
+    answerable.write_text(
+        "".join(json.dumps({"question": q, "answers": [a]}) + "\n" for q, a in [(QUESTIONS[0], "Rollo")] * 3)
+        + json.dumps({"question": QUESTIONS[1], "answers": ["Paris"]})
+        + "\n"
+    )
+    unanswerable = tmp_path / "u.jsonl"
+    unanswerable.write_text("".join(json.dumps({"question": q, "answers": []}) + "\n" for q in ["Why?", "Who won?"]))
+    rule = script.main(
+        [
+            *("--model", str(tmp_path / "m"), "--answerable", str(answerable), "--unanswerable", str(unanswerable)),
+            *("--max-false-abstention", "0.25", "--output", str(tmp_path / "fit.json"), "--batch-size", "2"),
+        ]
+    )
+    loaded = RagForGeneration.from_pretrained(tmp_path / "m")
+    assert loaded.config.abstention == rule
+    assert rule["dev_metrics"]["answerable"] == 4 and rule["dev_metrics"]["unanswerable"] == 2
+    assert rule["dev_metrics"]["answerable_abstained"] <= 0.25
+    dump = json.loads((tmp_path / "fit.json").read_text())
+    assert len(dump["answerable"]) == 4 and set(dump["answerable"][0]) == set(ABSTENTION_FEATURES)

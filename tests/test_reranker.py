@@ -1,0 +1,244 @@
+"""CrossEncoderReranker: reordering by the cross-encoder, save/load, the model's reranker stage, bad inputs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_PASSAGES, build_tiny_tokenizer, make_tiny_rag, tiny_question_encoder_config
+
+from modeling_rag.constants import RERANKER_DIR
+from modeling_rag.errors import RagConfigError, RagInputError
+from modeling_rag.reranker import CrossEncoderReranker, RerankerSpeedOptions
+from modeling_rag.retrieval_rag import RetrievalOutput
+
+QUESTION = "What is the capital of France?"
+
+
+def tiny_cross_encoder(tok, seed=0):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = tiny_question_encoder_config(tok)
+    config.num_labels = 1
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture
+def reranker():
+    tok = build_tiny_tokenizer()
+    return CrossEncoderReranker(tiny_cross_encoder(tok), tok, max_length=64, speed=RerankerSpeedOptions(batch_size=4))
+
+
+def single_pair_logit(model, tok, question, passage, max_length=64):
+    """One pair, built and scored on its own (no batching, no padding, no cache)."""
+    q = tok(question, add_special_tokens=False)["input_ids"]
+    text = f"{passage['title']}\n{passage['text']}"
+    p = tok(text, add_special_tokens=False)["input_ids"][: max_length - len(q) - 3]
+    ids = [tok.cls_token_id, *q, tok.sep_token_id, *p, tok.sep_token_id]
+    types = [0] * (len(q) + 2) + [1] * (len(p) + 1)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types]))
+    return float(out.logits[0, 0])
+
+
+def candidates(order):
+    passages = [dict(TINY_PASSAGES[i], row_id=i) for i in order]
+    return RetrievalOutput(
+        row_ids=np.array([order], dtype=np.int64),
+        doc_scores=np.linspace(1.0, 0.0, len(order), dtype=np.float32)[None],
+        doc_embeddings=np.arange(len(order) * 3, dtype=np.float32).reshape(1, len(order), 3),
+        passages=[passages],
+    )
+
+
+def test_rerank_orders_by_the_cross_encoders_scores(reranker):
+    logits = [single_pair_logit(reranker.model, reranker.tokenizer, QUESTION, p) for p in TINY_PASSAGES]
+    best_first = list(np.argsort(logits)[::-1])
+    first_stage = best_first[::-1]  # the first stage has them worst first
+    out = reranker.rerank([QUESTION], candidates(first_stage), n_docs=4)
+    assert out.row_ids[0].tolist() == best_first[:4]
+    np.testing.assert_allclose(out.doc_scores[0], 1 / (1 + np.exp(-np.sort(logits)[::-1][:4])), rtol=1e-4)
+    assert [p["row_id"] for p in out.passages[0]] == best_first[:4]
+    # the stored vectors follow their passages
+    position = {rid: j for j, rid in enumerate(first_stage)}
+    expected = candidates(first_stage).doc_embeddings[0][[position[r] for r in best_first[:4]]]
+    np.testing.assert_array_equal(out.doc_embeddings[0], expected)
+
+
+def test_batching_and_the_token_cache_do_not_change_scores(reranker):
+    plists = [TINY_PASSAGES, TINY_PASSAGES[:3]]
+    first = reranker.score([QUESTION, "Who was Rollo?"], plists)
+    assert len(reranker._cache) == len(TINY_PASSAGES)  # each passage tokenised once
+    reranker.speed = RerankerSpeedOptions(batch_size=1)
+    again = reranker.score([QUESTION, "Who was Rollo?"], plists)
+    for a, b in zip(first, again):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    alone = [single_pair_logit(reranker.model, reranker.tokenizer, "Who was Rollo?", p) for p in TINY_PASSAGES[:3]]
+    np.testing.assert_allclose(first[1], 1 / (1 + np.exp(-np.array(alone))), rtol=1e-4)
+
+
+def adapter_reranker(tmp_path):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    tok = build_tiny_tokenizer()
+    base_dir = tmp_path / "base"
+    tiny_cross_encoder(tok, seed=1).save_pretrained(base_dir)
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
+    peft_model = get_peft_model(
+        base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"])
+    )
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "classifier" in name:
+                p.normal_(0, 0.5)  # a trained adapter: not the identity
+    return CrossEncoderReranker.from_peft_model(peft_model.eval(), tok, base_model=str(base_dir), max_length=64)
+
+
+def test_adapter_save_load_gives_the_same_order(tmp_path):
+    reranker = adapter_reranker(tmp_path)
+    before = reranker.score([QUESTION], [TINY_PASSAGES])[0]
+    reranker.save(tmp_path / "rr")
+    files = set(os.listdir(tmp_path / "rr"))
+    assert {"adapter_config.json", "adapter_model.safetensors", "reranker_config.json"} <= files
+    assert "model.safetensors" not in files  # an adapter, never a copy of the base
+    loaded = CrossEncoderReranker.load(tmp_path / "rr")
+    after = loaded.score([QUESTION], [TINY_PASSAGES])[0]
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-6)
+    assert np.argsort(-after).tolist() == np.argsort(-before).tolist()
+    assert not np.allclose(before, before[0])  # a real ordering, not ties
+
+
+def test_whole_model_save_load(reranker, tmp_path):
+    reranker.save(tmp_path / "rr")
+    loaded = CrossEncoderReranker.load(tmp_path / "rr")
+    np.testing.assert_allclose(
+        loaded.score([QUESTION], [TINY_PASSAGES])[0], reranker.score([QUESTION], [TINY_PASSAGES])[0], rtol=1e-5
+    )
+
+
+def tiny_rag_with_reranker(tmp_path, **config):
+    model = make_tiny_rag("gpt2", n_docs=2, n_candidates=4, **config)
+    corpus = tmp_path / "passages.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in TINY_PASSAGES))
+    model.build_index(str(corpus), show_progress=False)
+    return model
+
+
+def test_model_retrieve_reranks_the_first_stage_candidates(tmp_path, reranker):
+    model = tiny_rag_with_reranker(tmp_path)
+    first = model.retrieve([QUESTION], n_docs=4)
+    model.set_reranker(reranker)
+    assert model.config.reranker == RERANKER_DIR
+    out = model.retrieve([QUESTION])
+    scores = reranker.score([QUESTION], first.passages)[0]
+    assert out.row_ids[0].tolist() == first.row_ids[0][np.argsort(-scores, kind="stable")[:2]].tolist()
+    answers = model.answer([QUESTION], max_new_tokens=2)
+    assert [s.id for s in answers[0].sources] == [p["id"] for p in out.passages[0]]
+
+
+def test_model_save_load_keeps_the_reranker_and_its_order(tmp_path):
+    model = tiny_rag_with_reranker(tmp_path)
+    model.set_reranker(adapter_reranker(tmp_path))
+    before = model.retrieve([QUESTION, "Who was Rollo?"])
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["reranker"] == RERANKER_DIR and os.path.isdir(tmp_path / "saved" / RERANKER_DIR)
+    assert "reranker" not in " ".join(config.get("architectures") or [])
+    from modeling_rag import RagForGeneration
+
+    loaded = RagForGeneration.from_pretrained(tmp_path / "saved")
+    assert loaded.reranker is not None
+    after = loaded.retrieve([QUESTION, "Who was Rollo?"])
+    assert after.row_ids.tolist() == before.row_ids.tolist()
+    np.testing.assert_allclose(after.doc_scores, before.doc_scores, rtol=1e-4)
+
+
+def test_a_saved_model_missing_its_reranker_is_refused_at_load(tmp_path, reranker):
+    import shutil
+
+    model = tiny_rag_with_reranker(tmp_path)
+    model.set_reranker(reranker)
+    model.save_pretrained(tmp_path / "saved")
+    shutil.rmtree(tmp_path / "saved" / RERANKER_DIR)
+    from modeling_rag import RagForGeneration
+
+    with pytest.raises(RagConfigError, match="config.reranker"):
+        RagForGeneration.from_pretrained(tmp_path / "saved")
+
+
+# --- bad inputs ------------------------------------------------------------------------------------
+def test_reranker_without_tokenizer(tmp_path, reranker):
+    with pytest.raises(RagInputError, match="no tokenizer"):
+        CrossEncoderReranker(reranker.model, None)
+    reranker.save(tmp_path / "rr")
+    for name in os.listdir(tmp_path / "rr"):
+        if name.startswith(("tokenizer", "vocab", "special_tokens")):
+            os.remove(tmp_path / "rr" / name)
+    with pytest.raises(RagConfigError, match="no tokenizer files"):
+        CrossEncoderReranker.load(tmp_path / "rr")
+
+
+def test_tokenizer_without_pair_tokens(reranker):
+    tok = build_tiny_tokenizer()
+    tok.cls_token = None
+    with pytest.raises(RagConfigError, match="cls_token_id"):
+        CrossEncoderReranker(reranker.model, tok)
+
+
+def test_model_with_several_labels_is_refused():
+    tok = build_tiny_tokenizer()
+    from transformers import BertForSequenceClassification
+
+    config = tiny_question_encoder_config(tok)
+    config.num_labels = 2
+    with pytest.raises(RagConfigError, match="num_labels=1"):
+        CrossEncoderReranker(BertForSequenceClassification(config), tok)
+
+
+def test_n_candidates_below_n_docs(tmp_path, reranker):
+    from modeling_rag import RagConfig
+
+    with pytest.raises(RagConfigError, match="n_candidates"):
+        RagConfig(n_docs=5, n_candidates=3, reranker="reranker")
+    with pytest.raises(RagConfigError, match="reranker must stay inside"):
+        RagConfig(reranker="../elsewhere")
+    model = tiny_rag_with_reranker(tmp_path)
+    model.config.n_candidates = 1
+    with pytest.raises(RagConfigError, match="n_candidates"):
+        model.set_reranker(reranker)
+    model.config.n_candidates = 4
+    model.set_reranker(reranker)
+    with pytest.raises(RagInputError, match="n_candidates"):
+        model.retrieve([QUESTION], n_docs=5)
+
+
+def test_broken_reranker_folders(tmp_path, reranker):
+    with pytest.raises(RagConfigError, match="not a saved reranker"):
+        CrossEncoderReranker.load(tmp_path)
+    reranker.save(tmp_path / "rr")
+    (tmp_path / "rr" / "reranker_config.json").write_text('{"format_version": 99}')
+    with pytest.raises(RagConfigError, match="format_version"):
+        CrossEncoderReranker.load(tmp_path / "rr")
+
+
+def test_the_reranker_travels_over_the_hub(tmp_path, hub_token, fresh_hf_cache):
+    import uuid
+
+    from modeling_rag import RagForGeneration
+
+    model = tiny_rag_with_reranker(tmp_path)
+    model.set_reranker(adapter_reranker(tmp_path))
+    before = model.retrieve([QUESTION, "Who was Rollo?"])
+    repo = f"test-org/rerank-{uuid.uuid4().hex[:8]}"
+    model.push_to_hub(repo, token=hub_token)
+    loaded = RagForGeneration.from_pretrained(repo, cache_dir=fresh_hf_cache)
+    assert loaded.reranker is not None and loaded.reranker.adapter_files is not None
+    after = loaded.retrieve([QUESTION, "Who was Rollo?"])
+    assert after.row_ids.tolist() == before.row_ids.tolist()
+    np.testing.assert_allclose(after.doc_scores, before.doc_scores, rtol=1e-4)

@@ -1020,7 +1020,8 @@ class PassageIndex:
             raise IndexIntegrityError(
                 f"{FAISS_INDEX_NAME} in {folder} is not a {cfg['kind']} index with row ids; rebuild it."
             )
-        if not np.array_equal(np.setdiff1d(id_map, deleted), row_ids):
+        live = np.setdiff1d(id_map, deleted, assume_unique=True) if len(deleted) else id_map
+        if not np.array_equal(live, row_ids):
             raise IndexIntegrityError(
                 f"{FAISS_INDEX_NAME} and {store_name} in {folder} hold different row ids; rebuild."
             )

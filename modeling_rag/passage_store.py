@@ -96,7 +96,12 @@ def row_ids_of(table: pa.Table) -> np.ndarray:
     column = table.column("row_id")
     if column.num_chunks == 0:
         return np.zeros(0, dtype=np.int64)
-    return np.concatenate([chunk.to_numpy(zero_copy_only=False) for chunk in column.chunks]).astype(np.int64)
+    # straight from the Arrow buffers (the column has no nulls): to_numpy would import pandas (~1.5 s)
+    parts = [
+        np.frombuffer(chunk.buffers()[1], dtype=np.int64, count=len(chunk), offset=chunk.offset * 8)
+        for chunk in column.chunks
+    ]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
 
 
 class PassageStoreWriter:

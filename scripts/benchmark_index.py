@@ -279,6 +279,77 @@ def _child_measure(folder: Path, work: Path, k: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def zipf_texts(n_pool: int, vocab: int, seed: int) -> list[str]:
+    """~600-character passages of pseudo-words drawn with Zipf frequencies (like real text, for BM25)."""
+    rng = np.random.default_rng(seed)
+    words = np.asarray([f"w{i:x}" for i in range(vocab)])
+    ranks = np.minimum(rng.zipf(1.1, size=(n_pool, 120)) - 1, vocab - 1)
+    return [" ".join(words[r])[:600] for r in ranks]
+
+
+def measure_bm25(n: int, folder: str) -> dict:
+    """Runs in a fresh process: build BM25 over `n` passages, save, load memory-mapped, search."""
+    from modeling_rag.index_bm25 import BM25Index
+
+    pool = zipf_texts(20_000, 200_000, seed=3)
+    passages = [{"title": "", "text": pool[i % len(pool)] + f" doc{i}", "row_id": i} for i in range(n)]
+    t0 = time.perf_counter()
+    bm25 = BM25Index.build(passages, stopwords=None)
+    build_s = time.perf_counter() - t0
+    build_peak = rss_bytes()["VmHWM"]
+    bm25.save(folder)
+    del bm25, passages
+    gc.collect()
+    disk = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+    before = rss_bytes()["VmRSS"]
+    t0 = time.perf_counter()
+    loaded = BM25Index.load(folder, mmap=True)
+    load_s = time.perf_counter() - t0
+    after = rss_bytes()["VmRSS"]
+    questions = [" ".join(pool[i].split()[:8]) for i in range(32)]
+    loaded.search(questions[:1], 10)
+    t0 = time.perf_counter()
+    for q in questions[:8]:
+        loaded.search([q], 10)
+    single_s = (time.perf_counter() - t0) / 8
+    t0 = time.perf_counter()
+    loaded.search(questions, 10)
+    batch_s = time.perf_counter() - t0
+    return {
+        "n": n,
+        "build_s": build_s,
+        "build_peak_rss": build_peak,
+        "disk_bytes": disk,
+        "load_s": load_s,
+        "rss_added_by_load": after - before,
+        "single_latency_s": single_s,
+        "batch32_latency_s": batch_s,
+    }
+
+
+def bm25_main(args: argparse.Namespace) -> None:
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in args.bm25_sizes:
+        folder = work / f"bm25-{n}"
+        shutil.rmtree(folder, ignore_errors=True)
+        cmd = [sys.executable, os.path.abspath(__file__), "--measure-bm25", str(n), str(folder)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"BM25 measurement failed:\n{done.stderr[-3000:]}")
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        shutil.rmtree(folder, ignore_errors=True)
+        print(
+            f"BM25 {n:>9,}: build {row['build_s']:.1f}s (peak RSS {row['build_peak_rss'] / 2**20:.0f} MiB)  "
+            f"disk {row['disk_bytes'] / 2**20:.0f} MiB  load {row['load_s']:.2f}s (+{row['rss_added_by_load'] / 2**20:.0f} MiB)  "
+            f"search 1q {row['single_latency_s'] * 1e3:.1f} ms  32q {row['batch32_latency_s'] * 1e3:.1f} ms",
+            flush=True,
+        )
+        atomic_write_text(args.output, json.dumps({"settings": vars(args), "bm25": rows}, indent=2))
+
+
 def scale_main(args: argparse.Namespace) -> None:
     from modeling_rag.index_faiss import PassageIndex
 
@@ -318,6 +389,7 @@ def scale_main(args: argparse.Namespace) -> None:
             build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
             text_bytes = n * len(pool[0].encode("utf-8"))
+            shutil.rmtree(work / "home", ignore_errors=True)  # build_streaming's own load stamped it
             first = _child_measure(folder, work, args.k)
             warm = _child_measure(folder, work, args.k)
             row = {
@@ -370,8 +442,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale-kinds", nargs="+", default=None, help="default: ivf_flat and ivf_pq that fit 4 GiB")
     parser.add_argument("--work-dir", default="benchmark_index_scale", help="--scale: where the indexes are built")
     parser.add_argument("--keep", action="store_true", help="--scale: keep the built index folders")
+    parser.add_argument("--bm25-sizes", type=int, nargs="+", default=None, help="measure BM25 at these sizes")
     parser.add_argument("--measure-load", nargs=3, metavar=("FOLDER", "QUERIES", "TRUTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure-bm25", nargs=2, metavar=("N", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.measure_bm25:
+        print(json.dumps(measure_bm25(int(args.measure_bm25[0]), args.measure_bm25[1])))
+        return
+    if args.bm25_sizes:
+        bm25_main(args)
+        return
     if args.measure_load:
         print(json.dumps(measure_load(*args.measure_load, k=args.k)))
         return

@@ -60,7 +60,9 @@ def test_build_save_load_same_topk(tmp_path, data, kind, metric):
     assert (ids == exact_topk(x, q, 5, metric)).all()
     index.save(tmp_path / "ix")
     # the vectors are stored once: inside index.faiss, or (ivf_pq) as float16 exact vectors
-    expected = {FAISS_INDEX_NAME, PASSAGES_NAME, INDEX_CONFIG_NAME} | ({EXACT_VECTORS_NAME} if kind == "ivf_pq" else set())
+    expected = {FAISS_INDEX_NAME, PASSAGES_NAME, INDEX_CONFIG_NAME} | (
+        {EXACT_VECTORS_NAME} if kind == "ivf_pq" else set()
+    )
     assert set(os.listdir(tmp_path / "ix")) == expected
     for mmap in (False, True):
         loaded = PassageIndex.load(tmp_path / "ix", mmap=mmap)

@@ -78,12 +78,20 @@ def passages_to_table(passages: Sequence[dict[str, Any]], row_ids: Sequence[int]
 
 
 def table_rows(table: pa.Table, positions: np.ndarray) -> list[dict[str, Any]]:
-    """The passages at `positions` of `table` as dicts (metadata merged back in)."""
+    """The passages at `positions` of `table` as dicts (metadata merged back in).
+
+    Each row is sliced out of its record batch: `Table.take` over a table of several batches
+    concatenates whole columns first, which would read (and copy) every passage's text.
+    """
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
     if len(positions) == 0:
         return []
-    rows = table.take(pa.array(np.asarray(positions, dtype=np.int64))).to_pylist()
+    batches = table.to_batches()
+    starts = np.cumsum([0] + [b.num_rows for b in batches])
+    which = np.searchsorted(starts, positions, side="right") - 1
     out = []
-    for row in rows:
+    for b, local in zip(which.tolist(), (positions - starts[which]).tolist()):
+        row = batches[b].slice(local, 1).to_pylist()[0]
         meta = row.pop("metadata")
         if meta is not None:
             row.update(json.loads(meta))
@@ -167,11 +175,7 @@ def open_passage_store(path: str | os.PathLike, *, full_check: bool = False) -> 
     return table
 
 
-def iter_table_batches(table: pa.Table, positions: np.ndarray | None = None) -> Iterator[pa.Table]:
-    """`table` (or its rows at `positions`) in slices of `STORE_BATCH_ROWS`, without materialising it whole."""
-    n = table.num_rows if positions is None else len(positions)
-    for start in range(0, n, STORE_BATCH_ROWS):
-        if positions is None:
-            yield table.slice(start, STORE_BATCH_ROWS)
-        else:
-            yield table.take(pa.array(positions[start : start + STORE_BATCH_ROWS]))
+def iter_table_batches(table: pa.Table) -> Iterator[pa.Table]:
+    """`table` in slices of `STORE_BATCH_ROWS` (zero-copy), without materialising it whole."""
+    for start in range(0, table.num_rows, STORE_BATCH_ROWS):
+        yield table.slice(start, STORE_BATCH_ROWS)

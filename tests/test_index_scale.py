@@ -135,7 +135,9 @@ def _mapped_rss(path: Path) -> int:
 def test_reading_a_passage_touches_only_its_row(tmp_path):
     n = 8_000
     passages = [{"id": str(i), "text": f"{i:08d}" + "abcdefgh" * 1250} for i in range(n)]  # ~10 kB each, 80 MB
-    PassageIndex.build(vectors(n), passages, kind="flat").save(tmp_path / "ix")
+    x = vectors(n)
+    # written in 4 record batches, as a streamed build writes them
+    PassageIndex.build_streaming(tmp_path / "ix", _batches(x, passages, 2_000), total=n, dim=DIM, kind="flat")
     del passages
     store = (tmp_path / "ix" / PASSAGES_NAME).resolve()
     allocated = pa.total_allocated_bytes()

@@ -80,8 +80,8 @@ def passages_to_table(passages: Sequence[dict[str, Any]], row_ids: Sequence[int]
 def table_rows(table: pa.Table, positions: np.ndarray) -> list[dict[str, Any]]:
     """The passages at `positions` of `table` as dicts (metadata merged back in).
 
-    Each row is sliced out of its record batch: `Table.take` over a table of several batches
-    concatenates whole columns first, which would read (and copy) every passage's text.
+    Rows are taken batch by batch: `Table.take` over a table of several record batches concatenates
+    whole columns first, which would read (and copy) every passage's text.
     """
     positions = np.asarray(positions, dtype=np.int64).reshape(-1)
     if len(positions) == 0:
@@ -89,13 +89,16 @@ def table_rows(table: pa.Table, positions: np.ndarray) -> list[dict[str, Any]]:
     batches = table.to_batches()
     starts = np.cumsum([0] + [b.num_rows for b in batches])
     which = np.searchsorted(starts, positions, side="right") - 1
-    out = []
-    for b, local in zip(which.tolist(), (positions - starts[which]).tolist()):
-        row = batches[b].slice(local, 1).to_pylist()[0]
-        meta = row.pop("metadata")
-        if meta is not None:
-            row.update(json.loads(meta))
-        out.append(row)
+    local = positions - starts[which]
+    out: list[Any] = [None] * len(positions)
+    for b in np.unique(which).tolist():
+        slots = np.nonzero(which == b)[0]
+        rows = batches[b].take(pa.array(local[slots])).to_pylist()
+        for slot, row in zip(slots.tolist(), rows):
+            meta = row.pop("metadata")
+            if meta is not None:
+                row.update(json.loads(meta))
+            out[slot] = row
     return out
 
 

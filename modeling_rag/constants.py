@@ -14,11 +14,13 @@ EVAL_RESULTS_NAME = "eval_results.json"
 # An index folder (see index_faiss.py)
 INDEX_CONFIG_NAME = "index_config.json"
 FAISS_INDEX_NAME = "index.faiss"
-PASSAGES_NAME = "passages.jsonl"
-EMBEDDINGS_NAME = "embeddings.npy"
+PASSAGES_NAME = "passages.arrow"  # Arrow IPC file (see passage_store.py)
+EXACT_VECTORS_NAME = "vectors.f16.npy"  # ivf_pq only, optional: the exact vectors in float16
+LEGACY_PASSAGES_NAME = "passages.jsonl"  # format 1
+EMBEDDINGS_NAME = "embeddings.npy"  # format 1: a second float32 copy of the vectors
 BM25_DIR = "bm25"
 PASSAGE_TOKENS_DIR = "passage_tokens"  # generator token ids of the passages (see passage_tokens.py)
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2  # 2: Arrow passages, vectors only in FAISS; 1 still loads
 
 # A passage-token folder (see passage_tokens.py)
 PASSAGE_TOKENS_CONFIG_NAME = "passage_tokens.json"

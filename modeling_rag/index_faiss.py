@@ -1,19 +1,35 @@
-"""The knowledge index: a FAISS index over passage vectors plus the passage store.
+"""The knowledge index: a FAISS index over passage vectors plus a memory-mapped passage store.
 
 A `PassageIndex` keeps, for every passage, a stable int64 *row id*, the passage fields
-(`id`, `title`, `text`, `source`, `position`), and the exact float32 vector it was indexed with.
+(`id`, `title`, `text`, `source`, `position`, any other keys as metadata) and its vector.
 Row ids never change: `add` gives new rows the next ids and `remove` leaves the others alone.
 
 Scores are always "larger is better": the inner product for `metric="ip"`, the negative squared
 L2 distance for `metric="l2"`.
 
-A saved index folder holds (names from `constants.py`)::
+A saved index folder (format version 2) holds (names from `constants.py`)::
 
     index_config.json   format version, dim, metric, kind (+ params), count, encoder name and
                         fingerprint, chunking, next row id, sha256 + size of every other file
-    index.faiss         the FAISS index (an IndexIDMap2 over the chosen kind); never pickled
-    passages.jsonl      one passage per line, with its row id, in row id order
-    embeddings.npy      the exact vectors, same order (read with allow_pickle=False)
+    index.faiss         the FAISS index (an IndexIDMap2 over flat / HNSW; IVF kinds hold the row
+                        ids themselves, with a hash-table direct map); never pickled
+    passages.arrow      the passages, an Arrow IPC file in row id order (see `passage_store.py`)
+    vectors.f16.npy     ivf_pq only, optional: the exact vectors in float16, same order
+
+The vectors are stored once. Flat, HNSW and IVF-Flat keep them at full precision inside
+``index.faiss`` and `get_embeddings` reconstructs them by row id. IVF-PQ keeps only compressed codes;
+the exact vectors that re-ranking and the training losses use are then an optional float16 file
+(``exact_vectors="float16"``, the default: 2 bytes per dimension on disk, memory-mapped, re-ranked
+recall as with float32) or left out (``exact_vectors=None``: the smallest folder; search ranks by the
+PQ codes alone and `get_embeddings` returns their PQ reconstruction).
+
+Folders of format version 1 (``passages.jsonl`` + ``embeddings.npy``) still load, with a warning that
+gives the command converting them: ``python scripts/verify_index.py FOLDER --convert``.
+
+Loading checks the config, the counts, the row ids and the sha256 of every file; the hashing is done
+in full the first time a folder is opened and then trusted while the files' stamps are unchanged
+(`index_verification.py`); ``verify=True`` forces it. ``mmap=True`` maps ``index.faiss`` for the IVF
+kinds; the passage store is always mapped, so a load reads only headers.
 
 Saving writes a temporary sibling folder and swaps it in with renames, so an interrupted save
 leaves a previously saved index untouched.
@@ -25,15 +41,15 @@ Index kinds (`kind=`):
                   about 1.3x the memory of flat.
 * ``"ivf_flat"``  inverted lists with exact vectors (``nlist``, ``nprobe``); fast to build.
 * ``"ivf_pq"``    inverted lists with product-quantised codes (``nlist``, ``nprobe``, ``m``, ``nbits``)
-                  re-ranked with the exact stored vectors (``refine_factor``); smallest FAISS file.
-* ``"auto"``      ``flat`` up to `AUTO_FLAT_MAX_PASSAGES` (50k) passages, ``ivf_flat`` above (with
-                  ``nlist ~ 2*sqrt(N)``, ``nprobe = max(32, nlist/16)``); set from the measurements of
-                  ``scripts/benchmark_index.py`` (see the comment at `AUTO_FLAT_MAX_PASSAGES`).
+                  re-ranked with the exact float16 vectors when kept (``refine_factor``); smallest file.
+* ``"auto"``      ``flat`` up to `AUTO_FLAT_MAX_PASSAGES` (50k) passages; above, ``ivf_flat`` while the
+                  float32 vectors fit `memory_budget_bytes` (default `DEFAULT_MEMORY_BUDGET_BYTES`, 4 GiB),
+                  else ``ivf_pq`` (logged). ``nlist ~ 2*sqrt(N)``, ``nprobe = max(32, nlist/16)``; set
+                  from the measurements of ``scripts/benchmark_index.py`` (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -47,15 +63,40 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 from tqdm.auto import tqdm
 
-from .constants import EMBEDDINGS_NAME, FAISS_INDEX_NAME, INDEX_CONFIG_NAME, INDEX_FORMAT_VERSION, PASSAGES_NAME
+from .constants import (
+    EMBEDDINGS_NAME,
+    EXACT_VECTORS_NAME,
+    FAISS_INDEX_NAME,
+    INDEX_CONFIG_NAME,
+    INDEX_FORMAT_VERSION,
+    LEGACY_PASSAGES_NAME,
+    PASSAGES_NAME,
+)
 from .errors import IndexIntegrityError, IndexMismatchError, RagConfigError, RagInputError
+from .index_verification import is_trusted, remember_verified, sha256_file
+from .passage_store import (
+    PASSAGE_FIELDS,
+    PassageStoreWriter,
+    clean_passage,
+    iter_table_batches,
+    open_passage_store,
+    passages_to_table,
+    row_ids_of,
+    table_rows,
+)
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["KINDS", "METRICS", "PassageIndex", "default_kind_params", "resolve_kind", "sha256_file"]
+
 METRICS = ("ip", "l2")
 KINDS = ("flat", "hnsw", "ivf_flat", "ivf_pq")
+IVF_KINDS = ("ivf_flat", "ivf_pq")
+EXACT_VECTOR_DTYPES = ("float16",)
+CONVERT_COMMAND = "python scripts/verify_index.py {folder} --convert"
 
 # "auto" picks flat up to this many passages, ivf_flat above. Measured with
 # scripts/benchmark_index.py (d=384, 2 shared CPU cores): at 100k vectors flat answers a single
@@ -64,11 +105,16 @@ KINDS = ("flat", "hnsw", "ivf_flat", "ivf_pq")
 # same memory as flat (hnsw: 1.18x).
 AUTO_FLAT_MAX_PASSAGES = 50_000
 AUTO_LARGE_KIND = "ivf_flat"
+# Past this many bytes of float32 vectors, "auto" compresses them (ivf_pq): a 24 GB host shared with
+# a generator cannot keep 21M x 768 float32 vectors (64 GB) in memory.
+DEFAULT_MEMORY_BUDGET_BYTES = 4 << 30
 
 # Default parameters per kind; nlist / m / nbits are derived from the corpus size and dimension.
 DEFAULT_HNSW_PARAMS = {"M": 32, "ef_construction": 80, "ef_search": 128}
 DEFAULT_IVF_NPROBE = 32
-DEFAULT_PQ_REFINE_FACTOR = 8
+# re-score refine_factor * k PQ candidates exactly; scripts/benchmark_index.py --scale at 300k (nlist 1095):
+# recall@10 0.88 at 8, 0.98 at 16, 1.00 at 32 (the 1M run at 8 gave 0.74)
+DEFAULT_PQ_REFINE_FACTOR = 32
 KIND_PARAM_NAMES = {
     "flat": (),
     "hnsw": ("M", "ef_construction", "ef_search"),
@@ -77,23 +123,12 @@ KIND_PARAM_NAMES = {
 }
 SEARCH_PARAM_NAMES = ("ef_search", "nprobe", "refine_factor")
 
-_PASSAGE_FIELDS = ("id", "title", "text", "source", "position")
-_REQUIRED_FILES = (FAISS_INDEX_NAME, PASSAGES_NAME, EMBEDDINGS_NAME)
 _ADD_BATCH = 65_536
 
 
 # ----------------------------------------------------------------------------------------------
 # Folder helpers
 # ----------------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike) -> str:
-    """The hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -168,10 +203,27 @@ def _default_pq_m(dim: int) -> int:
     return 1
 
 
-def resolve_kind(kind: str, n: int) -> str:
-    """Maps ``"auto"`` to a concrete kind for a corpus of `n` passages; validates the others."""
+def resolve_kind(kind: str, n: int, dim: int | None = None, memory_budget_bytes: int | None = None) -> str:
+    """Maps ``"auto"`` to a concrete kind for `n` passages of size `dim`; validates the others.
+
+    Above `AUTO_FLAT_MAX_PASSAGES`, ``"auto"`` is ``ivf_flat`` unless the float32 vectors
+    (``n * dim * 4`` bytes) exceed `memory_budget_bytes` (default `DEFAULT_MEMORY_BUDGET_BYTES`), then ``ivf_pq``.
+    """
     if kind == "auto":
-        return "flat" if n <= AUTO_FLAT_MAX_PASSAGES else AUTO_LARGE_KIND
+        if n <= AUTO_FLAT_MAX_PASSAGES:
+            return "flat"
+        budget = DEFAULT_MEMORY_BUDGET_BYTES if memory_budget_bytes is None else int(memory_budget_bytes)
+        if dim is not None and n * dim * 4 > budget:
+            logger.warning(
+                "kind='auto' picked ivf_pq: %d x %d float32 vectors take %.2f GiB, more than the memory budget of "
+                "%.2f GiB (memory_budget_bytes); pass kind='ivf_flat' or a larger budget to keep them uncompressed.",
+                n,
+                dim,
+                n * dim * 4 / 2**30,
+                budget / 2**30,
+            )
+            return "ivf_pq"
+        return AUTO_LARGE_KIND
     if kind not in KINDS:
         raise RagConfigError(f"kind must be 'auto' or one of {KINDS}, got {kind!r}.")
     return kind
@@ -263,21 +315,6 @@ def _as_row_ids(row_ids: Any) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _clean_passage(p: Any, i: int) -> dict[str, Any]:
-    if not isinstance(p, dict):
-        raise RagInputError(
-            f"passage {i} must be a dict with id, title, text, source, position; got {type(p).__name__}."
-        )
-    if "text" not in p or not isinstance(p["text"], str):
-        raise RagInputError(f"passage {i} has no 'text' string.")
-    out = {k: v for k, v in p.items() if k != "row_id"}
-    out["id"] = str(p.get("id", i))
-    out["title"] = "" if p.get("title") is None else str(p.get("title"))
-    out["source"] = "" if p.get("source") is None else str(p.get("source"))
-    out["position"] = int(p.get("position", 0) or 0)
-    return out
-
-
 def _embeddings_normalized(emb: np.ndarray) -> bool:
     if len(emb) == 0:
         return False
@@ -289,24 +326,54 @@ def _embeddings_normalized(emb: np.ndarray) -> bool:
 # ----------------------------------------------------------------------------------------------
 # The index
 # ----------------------------------------------------------------------------------------------
-class PassageIndex:
-    """A FAISS index over passage vectors plus the passages and their exact vectors.
+def _needs_direct_map(index: faiss.Index) -> bool:
+    ivf = faiss.downcast_index(index)
+    return isinstance(ivf, faiss.IndexIVF) and ivf.direct_map.type != faiss.DirectMap.Hashtable
 
-    Build with `PassageIndex.build`, open a saved one with `PassageIndex.load`.
+
+def _wrap_for_ids(base: faiss.Index, kind: str) -> faiss.Index:
+    # IVF indexes store arbitrary int64 ids themselves (and IndexIDMap would mis-number them after
+    # remove_ids); a hash-table direct map lets them reconstruct a vector by row id. Flat and HNSW are
+    # wrapped in an IndexIDMap2 (which reconstructs by id).
+    if kind in IVF_KINDS:
+        base.set_direct_map_type(faiss.DirectMap.Hashtable)
+        return base
+    return faiss.IndexIDMap2(base)
+
+
+def _train_size(kind: str, n: int, params: dict[str, int]) -> int:
+    # enough for the coarse quantiser (40 per list) and the PQ codebooks (64 per centroid)
+    pq_points = 64 * (1 << params["nbits"]) if kind == "ivf_pq" else 0
+    return min(n, max(40 * params["nlist"], pq_points))
+
+
+def _check_exact_vectors(exact_vectors: str | None, kind: str) -> str | None:
+    if kind != "ivf_pq":
+        return None  # the FAISS index holds them at full precision
+    if exact_vectors is not None and exact_vectors not in EXACT_VECTOR_DTYPES:
+        raise RagConfigError(f"exact_vectors must be None or one of {EXACT_VECTOR_DTYPES}, got {exact_vectors!r}.")
+    return exact_vectors
+
+
+class PassageIndex:
+    """A FAISS index over passage vectors plus the passages (an Arrow table, memory-mapped when loaded).
+
+    Build with `PassageIndex.build` (in memory) or `PassageIndex.build_streaming` (batch by batch into a
+    folder), open a saved one with `PassageIndex.load`.
     """
 
     def __init__(
         self,
         faiss_index: faiss.Index,
-        passages: list[dict[str, Any]],
-        embeddings: np.ndarray,
-        row_ids: np.ndarray,
+        passages: pa.Table,
         *,
+        row_ids: np.ndarray | None = None,
         metric: str,
         kind: str,
         kind_params: dict[str, int],
         next_row_id: int,
         normalized: bool,
+        exact_vectors: np.ndarray | None = None,
         encoder_name: str | None = None,
         encoder_fingerprint: str | None = None,
         chunking: dict | None = None,
@@ -315,9 +382,9 @@ class PassageIndex:
         mmapped: bool = False,
     ) -> None:
         self._faiss = faiss_index
-        self._passages = passages
-        self._embeddings = embeddings
-        self._row_ids = np.asarray(row_ids, dtype=np.int64)
+        self._table = passages
+        self._row_ids = row_ids_of(passages) if row_ids is None else np.asarray(row_ids, dtype=np.int64)
+        self._exact = exact_vectors
         self._metric = metric
         self._kind = kind
         self._kind_params = dict(kind_params)
@@ -343,6 +410,8 @@ class PassageIndex:
         encoder_fingerprint: str | None = None,
         chunking: dict | None = None,
         normalized: bool | None = None,
+        exact_vectors: str | None = "float16",
+        memory_budget_bytes: int | None = None,
         show_progress: bool = False,
         **kind_params: Any,
     ) -> PassageIndex:
@@ -351,7 +420,9 @@ class PassageIndex:
         `metric` is ``"ip"`` (inner product; cosine when the vectors are L2-normalised) or ``"l2"``.
         `kind` is ``"auto"``, ``"flat"``, ``"hnsw"``, ``"ivf_flat"`` or ``"ivf_pq"``; extra keyword
         arguments set that kind's parameters (see `KIND_PARAM_NAMES`). Rows get ids ``0..N-1``.
-        `normalized=None` records whether the vectors have unit norm.
+        `normalized=None` records whether the vectors have unit norm. `exact_vectors` (ivf_pq only):
+        ``"float16"`` keeps the exact vectors for re-ranking and the losses, None keeps only PQ codes.
+        `memory_budget_bytes` is the budget ``kind="auto"`` fits the float32 vectors into.
         """
         if metric not in METRICS:
             raise RagConfigError(f"metric must be one of {METRICS}, got {metric!r}.")
@@ -362,18 +433,14 @@ class PassageIndex:
             raise RagInputError("Cannot build an index over zero passages; check that the corpus is not empty.")
         if len(passages) != len(emb):
             raise RagInputError(f"Got {len(emb)} embeddings but {len(passages)} passages; they must match one to one.")
-        clean = [_clean_passage(p, i) for i, p in enumerate(passages)]
+        clean = [clean_passage(p, i) for i, p in enumerate(passages)]
         n, dim = emb.shape
-        resolved = resolve_kind(kind, n)
+        resolved = resolve_kind(kind, n, dim, memory_budget_bytes)
+        exact_dtype = _check_exact_vectors(exact_vectors, resolved)
         params = default_kind_params(resolved, n, dim, **kind_params)
-        base = _make_base_index(resolved, dim, metric, params)
-        # IVF indexes store arbitrary int64 ids themselves (and IndexIDMap would mis-number them
-        # after remove_ids); flat and HNSW are wrapped in an IndexIDMap2.
-        index = base if resolved in ("ivf_flat", "ivf_pq") else faiss.IndexIDMap2(base)
-        if resolved in ("ivf_flat", "ivf_pq"):
-            # train on a deterministic sample (enough for the coarse quantiser and the PQ codebooks)
-            pq_points = 64 * (1 << params["nbits"]) if resolved == "ivf_pq" else 0
-            n_train = min(n, max(40 * params["nlist"], pq_points))
+        index = _wrap_for_ids(_make_base_index(resolved, dim, metric, params), resolved)
+        if resolved in IVF_KINDS:
+            n_train = _train_size(resolved, n, params)
             sample = emb if n_train >= n else emb[np.sort(np.random.default_rng(0).choice(n, n_train, replace=False))]
             if show_progress:
                 logger.info("Training %s on %d vectors", resolved, len(sample))
@@ -381,13 +448,10 @@ class PassageIndex:
         row_ids = np.arange(n, dtype=np.int64)
         for start in tqdm(range(0, n, _ADD_BATCH), desc="Indexing", unit="batch", disable=not show_progress):
             index.add_with_ids(emb[start : start + _ADD_BATCH], row_ids[start : start + _ADD_BATCH])
-        for p, rid in zip(clean, row_ids.tolist()):
-            p["row_id"] = rid
         return cls(
             index,
-            clean,
-            emb,
-            row_ids,
+            passages_to_table(clean, row_ids),
+            exact_vectors=emb.astype(np.float16) if exact_dtype else None,
             metric=metric,
             kind=resolved,
             kind_params=params,
@@ -397,6 +461,102 @@ class PassageIndex:
             encoder_fingerprint=encoder_fingerprint,
             chunking=chunking,
         )
+
+    @classmethod
+    def build_streaming(
+        cls,
+        folder: str | os.PathLike,
+        batches: Iterable[tuple[Any, Sequence[dict[str, Any]]]],
+        *,
+        total: int,
+        dim: int,
+        metric: str = "ip",
+        kind: str = "auto",
+        encoder_name: str | None = None,
+        encoder_fingerprint: str | None = None,
+        chunking: dict | None = None,
+        normalized: bool = True,
+        exact_vectors: str | None = "float16",
+        memory_budget_bytes: int | None = None,
+        mmap: bool = True,
+        show_progress: bool = False,
+        **kind_params: Any,
+    ) -> PassageIndex:
+        """Builds and saves an index over `total` passages given as `(embeddings [b, dim], passages)` batches.
+
+        Only one batch of texts is held at a time: passages go straight into the Arrow store and the
+        vectors into FAISS (IVF kinds are trained on the first vectors, up to the training size, so
+        the batches should come in no particular order). The folder is written atomically as by `save`;
+        the saved index is then opened with `load(mmap=mmap)` and returned.
+        """
+        if metric not in METRICS:
+            raise RagConfigError(f"metric must be one of {METRICS}, got {metric!r}.")
+        if total <= 0:
+            raise RagInputError("Cannot build an index over zero passages; check that the corpus is not empty.")
+        resolved = resolve_kind(kind, total, dim, memory_budget_bytes)
+        exact_dtype = _check_exact_vectors(exact_vectors, resolved)
+        params = default_kind_params(resolved, total, dim, **kind_params)
+        n_train = _train_size(resolved, total, params) if resolved in IVF_KINDS else 0
+        index = _wrap_for_ids(_make_base_index(resolved, dim, metric, params), resolved)
+        state = {"count": 0}
+        pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def write(tmp: Path) -> None:
+            exact = None
+            if exact_dtype:
+                exact = np.lib.format.open_memmap(tmp / EXACT_VECTORS_NAME, "w+", np.float16, (total, dim))
+            bar = tqdm(total=total, desc="Indexing", unit="passage", disable=not show_progress)
+            with PassageStoreWriter(tmp / PASSAGES_NAME) as store:
+                for emb, passages in batches:
+                    emb = _as_matrix(emb, "embeddings")
+                    start = state["count"]
+                    if len(emb) != len(passages):
+                        raise RagInputError(
+                            f"A batch has {len(emb)} embeddings but {len(passages)} passages; they must match."
+                        )
+                    if emb.shape[1] != dim:
+                        raise IndexMismatchError(f"A batch has vectors of dimension {emb.shape[1]}, expected {dim}.")
+                    if start + len(emb) > total:
+                        raise RagInputError(f"The batches hold more than total={total} passages.")
+                    ids = np.arange(start, start + len(emb), dtype=np.int64)
+                    store.write([clean_passage(p, start + i) for i, p in enumerate(passages)], ids)
+                    if exact is not None:
+                        exact[start : start + len(emb)] = emb
+                    if not index.is_trained:
+                        pending.append((emb, ids))
+                        if sum(len(e) for e, _ in pending) >= n_train:
+                            _train_and_flush(index, pending, n_train)
+                    else:
+                        index.add_with_ids(emb, ids)
+                    state["count"] += len(emb)
+                    bar.update(len(emb))
+            bar.close()
+            if pending:
+                _train_and_flush(index, pending, n_train)
+            if state["count"] != total:
+                raise RagInputError(f"The batches held {state['count']} passages, not total={total}.")
+            if exact is not None:
+                exact.flush()
+                del exact
+            faiss.write_index(index, str(tmp / FAISS_INDEX_NAME))
+            cfg = _config_dict(
+                dim=dim,
+                metric=metric,
+                kind=resolved,
+                kind_params=params,
+                count=total,
+                normalized=normalized,
+                encoder_name=encoder_name,
+                encoder_fingerprint=encoder_fingerprint,
+                chunking=chunking,
+                next_row_id=total,
+                deleted=[],
+                exact_vectors=exact_dtype,
+            )
+            _write_config(tmp, cfg)
+
+        write_folder_atomically(folder, write)
+        return cls.load(folder, mmap=mmap)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -453,23 +613,32 @@ class PassageIndex:
         return self._row_ids.copy()
 
     @property
+    def exact_vectors(self) -> str | None:
+        """How exact vectors are kept apart from FAISS: ``"float16"`` (ivf_pq) or None (in FAISS, or not kept)."""
+        return "float16" if self._exact is not None else None
+
+    @property
+    def passages_table(self) -> pa.Table:
+        """The passage store as an Arrow table (memory-mapped when loaded); one row per live passage."""
+        return self._table
+
+    @property
     def config(self) -> dict[str, Any]:
         """What `save` writes to ``index_config.json`` (without the file checksums)."""
-        cfg = {
-            "format_version": INDEX_FORMAT_VERSION,
-            "dim": self.dim,
-            "metric": self._metric,
-            "kind": self._kind,
-            "kind_params": dict(self._kind_params),
-            "count": self.count,
-            "normalized": self._normalized,
-            "encoder_name": self._encoder_name,
-            "encoder_fingerprint": self._encoder_fingerprint,
-            "chunking": self.chunking,
-            "next_row_id": self._next_row_id,
-            "deleted_row_ids": [int(i) for i in self._deleted],
-            "faiss_version": faiss.__version__,
-        }
+        cfg = _config_dict(
+            dim=self.dim,
+            metric=self._metric,
+            kind=self._kind,
+            kind_params=self._kind_params,
+            count=self.count,
+            normalized=self._normalized,
+            encoder_name=self._encoder_name,
+            encoder_fingerprint=self._encoder_fingerprint,
+            chunking=self.chunking,
+            next_row_id=self._next_row_id,
+            deleted=self._deleted,
+            exact_vectors=self.exact_vectors,
+        )
         for key, value in self._extra_config.items():
             cfg.setdefault(key, value)
         return cfg
@@ -506,20 +675,42 @@ class PassageIndex:
         return pos_c.reshape(row_ids.shape)
 
     def get_passages(self, row_ids: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
-        """The passages of `row_ids` (1-D: a list of dicts; 2-D: a list of lists), each with its ``row_id``."""
+        """The passages of `row_ids` (1-D: a list of dicts; 2-D: a list of lists), each with its ``row_id``.
+
+        Only the rows asked for are read from the (memory-mapped) store.
+        """
         ids = _as_row_ids(row_ids)
         if ids.ndim > 2:
             raise RagInputError(f"row_ids must be 1-D or 2-D, got shape {ids.shape}.")
         pos = self._positions(ids)
+        rows = table_rows(self._table, pos.reshape(-1))
         if ids.ndim == 2:
-            return [[dict(self._passages[j]) for j in row] for row in pos.tolist()]
-        return [dict(self._passages[j]) for j in pos.reshape(-1).tolist()]
+            width = ids.shape[1]
+            return [rows[i * width : (i + 1) * width] for i in range(ids.shape[0])]
+        return rows
+
+    def iter_passages(self, batch_size: int = 65_536) -> Iterable[list[dict[str, Any]]]:
+        """Every live passage, in row id order, a batch of dicts at a time (memory stays one batch)."""
+        for start in range(0, self.count, batch_size):
+            yield table_rows(self._table, np.arange(start, min(start + batch_size, self.count)))
+
+    def _reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        if len(ids) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self._faiss.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
     def get_embeddings(self, row_ids: Any) -> np.ndarray:
-        """The exact stored vectors of `row_ids` (any shape `S`), as float32 `[*S, dim]`."""
+        """The stored vectors of `row_ids` (any shape `S`), as float32 `[*S, dim]`.
+
+        Exact for flat, HNSW and IVF-Flat (reconstructed from FAISS) and for ivf_pq with float16 exact
+        vectors (to float16 precision); the PQ reconstruction for ivf_pq without them.
+        """
         ids = _as_row_ids(row_ids)
-        pos = self._positions(ids)
-        out = np.asarray(self._embeddings[pos.reshape(-1)])
+        pos = self._positions(ids).reshape(-1)
+        if self._exact is not None:
+            out = np.asarray(self._exact[pos], dtype=np.float32)
+        else:
+            out = self._reconstruct(ids.reshape(-1))
         return np.ascontiguousarray(out, dtype=np.float32).reshape(*ids.shape, self.dim)
 
     # ------------------------------------------------------------------ search
@@ -557,7 +748,7 @@ class PassageIndex:
         if self._kind == "hnsw":
             params = faiss.SearchParametersHNSW()
             params.efSearch = max(self._kind_params["ef_search"], k)
-        elif self._kind in ("ivf_flat", "ivf_pq"):
+        elif self._kind in IVF_KINDS:
             params = faiss.SearchParametersIVF()
             params.nprobe = self._kind_params["nprobe"]
         else:
@@ -569,16 +760,16 @@ class PassageIndex:
         return params
 
     def _exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        s = np.full((len(queries), len(self._row_ids)), -np.inf, dtype=np.float32)
+        for start in range(0, len(self._row_ids), _ADD_BATCH):
+            block = self.get_embeddings(self._row_ids[start : start + _ADD_BATCH])
+            s[:, start : start + len(block)] = self._exact_scores(queries, block)
         scores = np.empty((len(queries), k), dtype=np.float32)
         ids = np.empty((len(queries), k), dtype=np.int64)
         for b in range(len(queries)):
-            s = np.full(len(self._row_ids), -np.inf, dtype=np.float32)
-            for start in range(0, len(self._row_ids), _ADD_BATCH):
-                block = np.asarray(self._embeddings[start : start + _ADD_BATCH], dtype=np.float32)
-                s[start : start + len(block)] = self._exact_scores(queries[b : b + 1], block)[0]
-            top = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
-            top = top[np.argsort(-s[top], kind="stable")]
-            scores[b], ids[b] = s[top], self._row_ids[top]
+            top = np.argpartition(-s[b], k - 1)[:k] if k < s.shape[1] else np.arange(s.shape[1])
+            top = top[np.argsort(-s[b, top], kind="stable")]
+            scores[b], ids[b] = s[b, top], self._row_ids[top]
         return scores, ids
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -595,9 +786,10 @@ class PassageIndex:
         kk = min(int(k), n)
         if kk == 0 or len(q) == 0:
             return np.zeros((len(q), kk), dtype=np.float32), np.zeros((len(q), kk), dtype=np.int64)
-        fetch = min(n, kk * self._kind_params.get("refine_factor", 1))
+        refine = self._kind == "ivf_pq" and self._exact is not None
+        fetch = min(n, kk * self._kind_params["refine_factor"]) if refine else kk
         distances, labels = self._faiss.search(q, fetch, params=self._search_params(fetch))
-        if self._kind == "ivf_pq":
+        if refine:
             valid = labels >= 0
             safe = np.where(valid, labels, self._row_ids[0])
             exact = self._exact_scores(q, self.get_embeddings(safe)).astype(np.float32)
@@ -621,8 +813,10 @@ class PassageIndex:
     def _ensure_writable(self) -> None:
         if self._mmapped:
             # a memory-mapped FAISS index must not grow in place: take an in-memory copy first
-            self._faiss = faiss.deserialize_index(faiss.serialize_index(self._faiss))
-            self._embeddings = np.array(self._embeddings, dtype=np.float32)
+            if self._kind in IVF_KINDS:
+                _copy_invlists_to_memory(self._faiss)
+            if self._exact is not None:
+                self._exact = np.array(self._exact, dtype=np.float16)
             self._mmapped = False
 
     def add(self, embeddings: Any, passages: list[dict[str, Any]]) -> np.ndarray:
@@ -637,14 +831,14 @@ class PassageIndex:
             )
         if len(emb) == 0:
             return np.zeros(0, dtype=np.int64)
-        clean = [_clean_passage(p, i) for i, p in enumerate(passages)]
+        clean = [clean_passage(p, i) for i, p in enumerate(passages)]
         self._ensure_writable()
         new_ids = np.arange(self._next_row_id, self._next_row_id + len(emb), dtype=np.int64)
         self._faiss.add_with_ids(emb, new_ids)
-        for p, rid in zip(clean, new_ids.tolist()):
-            p["row_id"] = rid
-        self._passages.extend(clean)
-        self._embeddings = np.concatenate([np.asarray(self._embeddings, dtype=np.float32), emb], axis=0)
+        # concatenating tables is zero-copy: the mapped rows stay mapped
+        self._table = pa.concat_tables([self._table, passages_to_table(clean, new_ids)])
+        if self._exact is not None:
+            self._exact = np.concatenate([np.asarray(self._exact), emb.astype(np.float16)], axis=0)
         self._row_ids = np.concatenate([self._row_ids, new_ids])
         self._next_row_id += len(emb)
         return new_ids
@@ -663,26 +857,30 @@ class PassageIndex:
         if self._kind == "hnsw":
             self._deleted = np.union1d(self._deleted, ids).astype(np.int64)
         else:
-            removed = self._faiss.remove_ids(faiss.IDSelectorBatch(ids))
+            # an IVF hash-table direct map removes only through an IDSelectorArray
+            selector = faiss.IDSelectorArray(ids) if self._kind in IVF_KINDS else faiss.IDSelectorBatch(ids)
+            removed = self._faiss.remove_ids(selector)
             if removed != len(ids):
                 raise IndexIntegrityError(f"FAISS removed {removed} of {len(ids)} rows; the index is inconsistent.")
         keep = np.ones(len(self._row_ids), dtype=bool)
         keep[pos] = False
-        self._passages = [p for p, kept in zip(self._passages, keep.tolist()) if kept]
-        self._embeddings = np.asarray(self._embeddings, dtype=np.float32)[keep]
+        self._table = self._table.filter(pa.array(keep))
+        if self._exact is not None:
+            self._exact = np.asarray(self._exact)[keep]
         self._row_ids = self._row_ids[keep]
         return len(ids)
 
     # ------------------------------------------------------------------ save
     def write_files(self, folder: str | os.PathLike) -> None:
-        """Writes ``index.faiss``, ``passages.jsonl`` and ``embeddings.npy`` into an existing folder."""
+        """Writes ``index.faiss``, ``passages.arrow`` (and ``vectors.f16.npy``) into an existing folder."""
         folder = Path(folder)
         faiss.write_index(self._faiss, str(folder / FAISS_INDEX_NAME))
-        with open(folder / PASSAGES_NAME, "w", encoding="utf-8") as f:
-            for p in self._passages:
-                f.write(json.dumps(p, ensure_ascii=False) + "\n")
-        with open(folder / EMBEDDINGS_NAME, "wb") as f:
-            np.save(f, np.asarray(self._embeddings, dtype=np.float32), allow_pickle=False)
+        with PassageStoreWriter(folder / PASSAGES_NAME) as store:
+            for batch in iter_table_batches(self._table):
+                store.write_table(batch)
+        if self._exact is not None:
+            with open(folder / EXACT_VECTORS_NAME, "wb") as f:
+                np.save(f, np.asarray(self._exact, dtype=np.float16), allow_pickle=False)
 
     def save(self, folder: str | os.PathLike, *, extra_files: Callable[[Path], None] | None = None) -> None:
         """Saves the index to `folder` atomically (temp sibling folder, then renames).
@@ -695,16 +893,7 @@ class PassageIndex:
             self.write_files(tmp)
             if extra_files is not None:
                 extra_files(tmp)
-            files = {}
-            for path in sorted(tmp.rglob("*")):
-                if path.is_file():
-                    rel = path.relative_to(tmp).as_posix()
-                    files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-            cfg = self.config
-            cfg["files"] = files
-            with open(tmp / INDEX_CONFIG_NAME, "w", encoding="utf-8") as f:
-                json.dump(cfg, f, indent=2, ensure_ascii=False)
-                f.write("\n")
+            _write_config(tmp, self.config)
 
         write_folder_atomically(folder, write)
 
@@ -736,23 +925,42 @@ class PassageIndex:
         _validate_config(cfg, folder)
         return cfg
 
+    @staticmethod
+    def verify_files(folder: str | os.PathLike, *, verify: bool | None = None) -> bool:
+        """Checks that every file listed in ``index_config.json`` exists with its size and sha256.
+
+        `verify=None` hashes the files unless this folder passed a full check here and no file has
+        changed since (`index_verification`); True always hashes them; False checks sizes only.
+        Returns whether the files were hashed. Raises `IndexIntegrityError` naming the bad file.
+        """
+        folder = Path(folder)
+        cfg = PassageIndex.read_config(folder)
+        return _verify_files(folder, cfg, verify)
+
     @classmethod
     def load(
         cls,
         folder: str | os.PathLike,
         *,
         mmap: bool = False,
-        verify_checksums: bool = True,
+        verify: bool | None = None,
+        verify_checksums: bool | None = None,
         expected_dim: int | None = None,
         expected_fingerprint: str | None = None,
     ) -> PassageIndex:
         """Opens a saved index folder, checking its config, checksums, counts and compatibility.
 
-        `mmap=True` memory-maps ``index.faiss`` (where the kind allows) and ``embeddings.npy``.
+        `mmap=True` memory-maps ``index.faiss`` for the IVF kinds (FAISS reads flat and HNSW into
+        memory) and ``vectors.f16.npy``; the passage store is always memory-mapped.
+        `verify`: None (default) hashes the files the first time and trusts them while their stamps are
+        unchanged; True always hashes them; False checks only sizes. `verify_checksums=False` is the
+        older spelling of `verify=False`.
         `expected_dim` / `expected_fingerprint` are the question encoder's hidden size and
         `weights_fingerprint`; a mismatch raises `IndexMismatchError`.
         """
         folder = Path(folder)
+        if verify_checksums is False and verify is None:
+            verify = False
         cfg = cls.read_config(folder)
         if expected_dim is not None and int(expected_dim) != cfg["dim"]:
             raise IndexMismatchError(
@@ -772,38 +980,17 @@ class PassageIndex:
                     f"name {cfg.get('encoder_name')!r}) than the one given (fingerprint {expected_fingerprint[:12]}…); "
                     "rebuild the index with this encoder (scripts/build_index.py), or load the encoder it was built with."
                 )
-        files = cfg["files"]
-        for rel, meta in files.items():
-            path = _safe_relpath(folder, rel)
-            if not path.is_file():
-                raise IndexIntegrityError(
-                    f"{rel} is missing from the index folder {folder}; rebuild or re-download the index."
-                )
-            size = path.stat().st_size
-            if size != meta["size"]:
-                raise IndexIntegrityError(
-                    f"{rel} in {folder} has {size} bytes but {meta['size']} were saved (truncated or modified); "
-                    "rebuild or re-download the index."
-                )
-            if verify_checksums and sha256_file(path) != meta["sha256"]:
-                raise IndexIntegrityError(
-                    f"{rel} in {folder} fails its sha256 checksum (corrupted or modified); rebuild or re-download the index."
-                )
-
-        faiss_path = folder / FAISS_INDEX_NAME
-        flags = (faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY) if mmap else 0
-        try:
-            index = faiss.read_index(str(faiss_path), flags)
-        except RuntimeError as exc:
-            if not mmap:
-                raise IndexIntegrityError(f"{FAISS_INDEX_NAME} in {folder} cannot be read by FAISS: {exc}") from exc
-            try:  # this kind cannot be memory-mapped: read it normally
-                index = faiss.read_index(str(faiss_path))
-                mmap_index = False
-            except RuntimeError as exc2:
-                raise IndexIntegrityError(f"{FAISS_INDEX_NAME} in {folder} cannot be read by FAISS: {exc2}") from exc2
-        else:
-            mmap_index = mmap
+        hashed = _verify_files(folder, cfg, verify)
+        legacy = cfg["format_version"] < 2
+        if legacy:
+            logger.warning(
+                "The index at %s is in the old format %d (passages.jsonl + embeddings.npy): it is parsed whole into "
+                "memory at every load. Convert it once with `%s`.",
+                folder,
+                cfg["format_version"],
+                CONVERT_COMMAND.format(folder=folder),
+            )
+        index, mmap_index = _read_faiss(folder, cfg["kind"], mmap and not legacy)
         if index.d != cfg["dim"]:
             raise IndexIntegrityError(
                 f"{FAISS_INDEX_NAME} in {folder} has dimension {index.d}, config says {cfg['dim']}."
@@ -814,60 +1001,57 @@ class PassageIndex:
                 f"{FAISS_INDEX_NAME} in {folder} holds {index.ntotal - len(deleted)} live vectors but the config says "
                 f"{cfg['count']}; rebuild the index."
             )
-
-        passages = _read_passages(folder / PASSAGES_NAME)
-        if len(passages) != cfg["count"]:
-            raise IndexIntegrityError(
-                f"{PASSAGES_NAME} in {folder} holds {len(passages)} passages but the index holds {cfg['count']} vectors; "
-                "the folder is inconsistent, rebuild the index."
+        store_name = LEGACY_PASSAGES_NAME if legacy else PASSAGES_NAME
+        if legacy:
+            passages = _read_passages(folder / LEGACY_PASSAGES_NAME)
+            if len(passages) != cfg["count"]:
+                raise _count_error(store_name, folder, len(passages), cfg["count"])
+            table = passages_to_table(
+                [clean_passage(p, i) for i, p in enumerate(passages)], [p["row_id"] for p in passages]
             )
-        row_ids = np.asarray([p["row_id"] for p in passages], dtype=np.int64)
+        else:
+            table = open_passage_store(folder / PASSAGES_NAME, full_check=hashed)
+            if table.num_rows != cfg["count"]:
+                raise _count_error(store_name, folder, table.num_rows, cfg["count"])
+        row_ids = row_ids_of(table)
         if len(row_ids) > 1 and not np.all(np.diff(row_ids) > 0):
             raise IndexIntegrityError(
-                f"{PASSAGES_NAME} in {folder} has row ids out of order or repeated; rebuild the index."
+                f"{store_name} in {folder} has row ids out of order or repeated; rebuild the index."
             )
-        id_map = _stored_ids(index, cfg["kind"])
-        if id_map is None:
+        # the row ids FAISS holds against the store's: checked when the files were hashed (or not checked
+        # at all); a folder trusted by its stamps is byte for byte one that passed (0.3 s per 1M rows saved)
+        trusted = not hashed and verify is not False
+        id_map = None if trusted else _stored_ids(index, cfg["kind"])
+        if not trusted and id_map is None:
             raise IndexIntegrityError(
                 f"{FAISS_INDEX_NAME} in {folder} is not a {cfg['kind']} index with row ids; rebuild it."
             )
-        if not np.array_equal(np.setdiff1d(id_map, deleted), row_ids):
+        live = id_map if trusted or not len(deleted) else np.setdiff1d(id_map, deleted, assume_unique=True)
+        if not trusted and not np.array_equal(live, row_ids):
             raise IndexIntegrityError(
-                f"{FAISS_INDEX_NAME} and {PASSAGES_NAME} in {folder} hold different row ids; rebuild."
+                f"{FAISS_INDEX_NAME} and {store_name} in {folder} hold different row ids; rebuild."
             )
         if len(row_ids) and row_ids[-1] >= cfg["next_row_id"]:
             raise IndexIntegrityError(f"{INDEX_CONFIG_NAME} in {folder} has next_row_id below an existing row id.")
+        if _needs_direct_map(index):
+            # format 1 IVF indexes have none; building it reads only the ids of the inverted lists
+            faiss.downcast_index(index).set_direct_map_type(faiss.DirectMap.Hashtable)
 
-        try:
-            embeddings = np.load(folder / EMBEDDINGS_NAME, allow_pickle=False, mmap_mode="r" if mmap else None)
-        except (ValueError, OSError, EOFError) as exc:
-            raise IndexIntegrityError(f"{EMBEDDINGS_NAME} in {folder} cannot be read: {exc}") from exc
-        if embeddings.dtype != np.float32 or embeddings.shape != (cfg["count"], cfg["dim"]):
-            raise IndexIntegrityError(
-                f"{EMBEDDINGS_NAME} in {folder} has shape {embeddings.shape} / dtype {embeddings.dtype}, expected "
-                f"({cfg['count']}, {cfg['dim']}) float32; rebuild the index."
-            )
-        known = {
-            "format_version",
-            "dim",
-            "metric",
-            "kind",
-            "kind_params",
-            "count",
-            "normalized",
-            "encoder_name",
-            "encoder_fingerprint",
-            "chunking",
-            "next_row_id",
-            "deleted_row_ids",
-            "faiss_version",
-            "files",
-        }
+        exact = None
+        if legacy:
+            vectors = _load_npy(folder, EMBEDDINGS_NAME, np.float32, (cfg["count"], cfg["dim"]), mmap)
+            if cfg["kind"] == "ivf_pq":
+                exact = vectors.astype(np.float16)
+            del vectors
+        elif cfg.get("exact_vectors") == "float16":
+            exact = _load_npy(folder, EXACT_VECTORS_NAME, np.float16, (cfg["count"], cfg["dim"]), mmap)
+        if hashed:
+            remember_verified(folder, list(cfg["files"]))
         return cls(
             index,
-            passages,
-            embeddings,
-            row_ids,
+            table,
+            row_ids=row_ids,
+            exact_vectors=exact,
             metric=cfg["metric"],
             kind=cfg["kind"],
             kind_params=cfg["kind_params"],
@@ -877,9 +1061,152 @@ class PassageIndex:
             encoder_fingerprint=fp,
             chunking=cfg.get("chunking"),
             deleted_row_ids=deleted,
-            extra_config={k: v for k, v in cfg.items() if k not in known},
-            mmapped=mmap_index or mmap,
+            extra_config={k: v for k, v in cfg.items() if k not in _KNOWN_CONFIG_KEYS},
+            mmapped=mmap_index or (mmap and exact is not None and not legacy),
         )
+
+
+_KNOWN_CONFIG_KEYS = {
+    "format_version",
+    "dim",
+    "metric",
+    "kind",
+    "kind_params",
+    "count",
+    "normalized",
+    "encoder_name",
+    "encoder_fingerprint",
+    "chunking",
+    "next_row_id",
+    "deleted_row_ids",
+    "exact_vectors",
+    "faiss_version",
+    "files",
+}
+
+
+def _config_dict(
+    *,
+    dim: int,
+    metric: str,
+    kind: str,
+    kind_params: dict[str, int],
+    count: int,
+    normalized: bool,
+    encoder_name: str | None,
+    encoder_fingerprint: str | None,
+    chunking: dict | None,
+    next_row_id: int,
+    deleted: Iterable[int],
+    exact_vectors: str | None,
+) -> dict[str, Any]:
+    return {
+        "format_version": INDEX_FORMAT_VERSION,
+        "dim": int(dim),
+        "metric": metric,
+        "kind": kind,
+        "kind_params": dict(kind_params),
+        "count": int(count),
+        "normalized": bool(normalized),
+        "encoder_name": encoder_name,
+        "encoder_fingerprint": encoder_fingerprint,
+        "chunking": chunking,
+        "next_row_id": int(next_row_id),
+        "deleted_row_ids": [int(i) for i in deleted],
+        "exact_vectors": exact_vectors,
+        "faiss_version": faiss.__version__,
+    }
+
+
+def _write_config(tmp: Path, cfg: dict[str, Any]) -> None:
+    """Writes ``index_config.json`` with the sha256 and size of every other file in `tmp`."""
+    files = {}
+    for path in sorted(tmp.rglob("*")):
+        if path.is_file() and path.name != INDEX_CONFIG_NAME:
+            rel = path.relative_to(tmp).as_posix()
+            files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    cfg = dict(cfg)
+    cfg["files"] = files
+    with open(tmp / INDEX_CONFIG_NAME, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _copy_invlists_to_memory(index: faiss.Index) -> None:
+    """Replaces the memory-mapped inverted lists of an IVF index by an in-memory copy (so it can grow)."""
+    ivf = faiss.extract_index_ivf(index)
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    for list_no in range(ivf.nlist):
+        size = ivf.invlists.list_size(list_no)
+        if size:
+            lists.add_entries(list_no, size, ivf.invlists.get_ids(list_no), ivf.invlists.get_codes(list_no))
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()
+
+
+def _train_and_flush(index: faiss.Index, pending: list[tuple[np.ndarray, np.ndarray]], n_train: int) -> None:
+    """Trains `index` on the first `n_train` pending vectors, then adds every pending batch."""
+    vectors = np.concatenate([e for e, _ in pending])
+    index.train(vectors[:n_train] if n_train else vectors)
+    for emb, ids in pending:
+        index.add_with_ids(emb, ids)
+    pending.clear()
+
+
+def _verify_files(folder: Path, cfg: dict[str, Any], verify: bool | None) -> bool:
+    files = cfg["files"]
+    for rel, meta in files.items():
+        path = _safe_relpath(folder, rel)
+        if not path.is_file():
+            raise IndexIntegrityError(
+                f"{rel} is missing from the index folder {folder}; rebuild or re-download the index."
+            )
+        size = path.stat().st_size
+        if size != meta["size"]:
+            raise IndexIntegrityError(
+                f"{rel} in {folder} has {size} bytes but {meta['size']} were saved (truncated or modified); "
+                "rebuild or re-download the index."
+            )
+    if verify is False or (verify is None and is_trusted(folder, list(files))):
+        return False
+    for rel, meta in files.items():
+        if sha256_file(_safe_relpath(folder, rel)) != meta["sha256"]:
+            raise IndexIntegrityError(
+                f"{rel} in {folder} fails its sha256 checksum (corrupted or modified); rebuild or re-download the index."
+            )
+    return True
+
+
+def _read_faiss(folder: Path, kind: str, mmap: bool) -> tuple[faiss.Index, bool]:
+    """Reads ``index.faiss``; maps it when `mmap` and the kind is IVF (FAISS maps only inverted lists)."""
+    path = str(folder / FAISS_INDEX_NAME)
+    use_mmap = mmap and kind in IVF_KINDS
+    try:
+        if use_mmap:
+            return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY), True
+        return faiss.read_index(path), False
+    except RuntimeError as exc:
+        raise IndexIntegrityError(f"{FAISS_INDEX_NAME} in {folder} cannot be read by FAISS: {exc}") from exc
+
+
+def _load_npy(folder: Path, name: str, dtype: Any, shape: tuple[int, int], mmap: bool) -> np.ndarray:
+    try:
+        arr = np.load(folder / name, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as exc:
+        raise IndexIntegrityError(f"{name} in {folder} cannot be read: {exc}") from exc
+    if arr.dtype != dtype or arr.shape != shape:
+        raise IndexIntegrityError(
+            f"{name} in {folder} has shape {arr.shape} / dtype {arr.dtype}, expected {shape} {np.dtype(dtype)}; "
+            "rebuild the index."
+        )
+    return arr
+
+
+def _count_error(name: str, folder: Path, found: int, count: int) -> IndexIntegrityError:
+    return IndexIntegrityError(
+        f"{name} in {folder} holds {found} passages but the index holds {count} vectors; "
+        "the folder is inconsistent, rebuild the index."
+    )
 
 
 def _stored_ids(index: faiss.Index, kind: str) -> np.ndarray | None:
@@ -917,7 +1244,7 @@ def _read_passages(path: Path) -> list[dict[str, Any]]:
                     ) from exc
                 if not isinstance(p, dict) or isinstance(p.get("row_id"), bool) or not isinstance(p.get("row_id"), int):
                     raise IndexIntegrityError(f"{path.name} line {line_no} has no integer row_id; rebuild the index.")
-                for field in _PASSAGE_FIELDS:
+                for field in PASSAGE_FIELDS:
                     if field not in p:
                         raise IndexIntegrityError(
                             f"{path.name} line {line_no} lacks the field {field!r}; rebuild the index."
@@ -972,7 +1299,13 @@ def _validate_config(cfg: Any, folder: Path) -> None:
     files = cfg.get("files")
     if not isinstance(files, dict):
         raise bad("files must be an object mapping file names to sha256 and size")
-    for name in _REQUIRED_FILES:
+    if version >= 2:
+        if cfg.get("exact_vectors") not in (None, *EXACT_VECTOR_DTYPES):
+            raise bad(f"exact_vectors must be null or one of {EXACT_VECTOR_DTYPES}")
+        required = [FAISS_INDEX_NAME, PASSAGES_NAME] + ([EXACT_VECTORS_NAME] if cfg.get("exact_vectors") else [])
+    else:
+        required = [FAISS_INDEX_NAME, LEGACY_PASSAGES_NAME, EMBEDDINGS_NAME]
+    for name in required:
         if name not in files:
             raise bad(f"files does not list {name}")
     for rel, meta in files.items():

@@ -233,9 +233,11 @@ class PassageTokens:
         ):
             raise broken(f"{PASSAGE_TOKENS_CONFIG_NAME} is malformed or from an unsupported version")
         try:
-            row_ids = np.load(folder / PASSAGE_TOKENS_ROW_IDS_NAME, allow_pickle=False)
-            offsets = np.load(folder / PASSAGE_TOKENS_OFFSETS_NAME, allow_pickle=False)
-            ids = np.load(folder / PASSAGE_TOKENS_IDS_NAME, allow_pickle=False, mmap_mode="r" if mmap else None)
+            # with mmap, all three arrays are mapped: resident memory does not grow with the corpus
+            mode = "r" if mmap else None
+            row_ids = np.load(folder / PASSAGE_TOKENS_ROW_IDS_NAME, allow_pickle=False, mmap_mode=mode)
+            offsets = np.load(folder / PASSAGE_TOKENS_OFFSETS_NAME, allow_pickle=False, mmap_mode=mode)
+            ids = np.load(folder / PASSAGE_TOKENS_IDS_NAME, allow_pickle=False, mmap_mode=mode)
         except (OSError, ValueError, EOFError) as exc:
             raise broken(f"a file cannot be read ({exc})") from exc
         count, tokens = config["count"], config["tokens"]

@@ -303,15 +303,17 @@ class RagRetriever:
         verify_checksums: bool = True,
         expected_dim: int | None = None,
         expected_fingerprint: str | None = None,
+        verify: bool | None = None,
     ) -> RagRetriever:
         """Opens a folder written by `save` (or a plain `PassageIndex` folder, as dense retrieval).
 
-        See `PassageIndex.load` for the checks; a missing or broken ``bm25/`` that the settings
+        See `PassageIndex.load` for the checks (and `verify`); a missing or broken ``bm25/`` that the settings
         require, or a broken ``passage_tokens/``, raises `IndexIntegrityError`.
         """
         index = PassageIndex.load(
             folder,
             mmap=mmap,
+            verify=verify,
             verify_checksums=verify_checksums,
             expected_dim=expected_dim,
             expected_fingerprint=expected_fingerprint,

@@ -13,7 +13,7 @@ never on the held-out set.
 
 Example (1,500 training questions of the 23 non-held-out SQuAD articles)::
 
-    python scripts/tune_fusion.py --model my-rag --questions data/squad27/train.jsonl --sample 1500
+    python scripts/tune_fusion.py --model my-rag --questions data/squad_27articles_split/train.jsonl --sample 1500
 """
 
 from __future__ import annotations

@@ -116,8 +116,8 @@ def test_errors_name_repo_and_revision(hub_server, fresh_hf_cache):
 def test_corrupted_index_download_is_refused(indexed_model, hub_token, hub_server, fresh_hf_cache):
     repo = _repo("rag-corrupt")
     indexed_model.push_to_hub(repo, token=hub_token)
-    hub_server.corrupt_file(repo, "index/passages.jsonl")
-    with pytest.raises(IndexIntegrityError, match="passages.jsonl"):
+    hub_server.corrupt_file(repo, "index/passages.arrow")
+    with pytest.raises(IndexIntegrityError, match="passages.arrow"):
         RagForGeneration.from_pretrained(repo, cache_dir=fresh_hf_cache)
 
 

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from modeling_rag.constants import EMBEDDINGS_NAME, FAISS_INDEX_NAME, INDEX_CONFIG_NAME, PASSAGES_NAME
+from modeling_rag.constants import EXACT_VECTORS_NAME, FAISS_INDEX_NAME, INDEX_CONFIG_NAME, PASSAGES_NAME
 from modeling_rag.errors import IndexIntegrityError, IndexMismatchError, RagConfigError, RagInputError
 from modeling_rag.index_faiss import KINDS, PassageIndex, resolve_kind, sha256_file
 
@@ -59,14 +59,21 @@ def test_build_save_load_same_topk(tmp_path, data, kind, metric):
     # the small test corpus makes every approximate kind exact in practice
     assert (ids == exact_topk(x, q, 5, metric)).all()
     index.save(tmp_path / "ix")
-    assert {FAISS_INDEX_NAME, PASSAGES_NAME, EMBEDDINGS_NAME, INDEX_CONFIG_NAME} <= set(os.listdir(tmp_path / "ix"))
+    # the vectors are stored once: inside index.faiss, or (ivf_pq) as float16 exact vectors
+    expected = {FAISS_INDEX_NAME, PASSAGES_NAME, INDEX_CONFIG_NAME} | (
+        {EXACT_VECTORS_NAME} if kind == "ivf_pq" else set()
+    )
+    assert set(os.listdir(tmp_path / "ix")) == expected
     for mmap in (False, True):
         loaded = PassageIndex.load(tmp_path / "ix", mmap=mmap)
         s2, i2 = loaded.search(q, 5)
         assert (i2 == ids).all()
         np.testing.assert_allclose(s2, scores, rtol=1e-5, atol=1e-5)
         assert loaded.kind == kind and loaded.kind_params == index.kind_params
-        np.testing.assert_array_equal(loaded.get_embeddings(ids), x[ids])
+        if kind == "ivf_pq":
+            np.testing.assert_allclose(loaded.get_embeddings(ids), x[ids], atol=1e-3)
+        else:
+            np.testing.assert_array_equal(loaded.get_embeddings(ids), x[ids])
 
 
 def test_scores_match_exact_vectors(flat_index, data):
@@ -82,8 +89,23 @@ def test_ivf_pq_returns_exact_embeddings_and_scores(data):
     index = PassageIndex.build(x, passages, kind="ivf_pq")
     scores, ids = index.search(x[:4], 5)
     emb = index.get_embeddings(ids)
-    np.testing.assert_array_equal(emb, x[ids])
+    assert index.exact_vectors == "float16"
+    np.testing.assert_allclose(emb, x[ids], atol=1e-3)  # float16 exact vectors
     np.testing.assert_allclose(np.einsum("bd,bkd->bk", x[:4], emb), scores, rtol=1e-5, atol=1e-5)
+
+
+def test_ivf_pq_without_exact_vectors_ranks_by_codes(tmp_path, data):
+    x, passages = data
+    index = PassageIndex.build(x, passages, kind="ivf_pq", exact_vectors=None)
+    assert index.exact_vectors is None
+    scores, ids = index.search(x[:8], 5)
+    assert (ids[:, 0] == np.arange(8)).all()
+    approx = index.get_embeddings(ids[:, 0])  # the PQ reconstruction: close, not exact
+    assert 0 < np.abs(approx - x[:8]).max() < 0.5
+    index.save(tmp_path / "pq")
+    assert EXACT_VECTORS_NAME not in os.listdir(tmp_path / "pq")
+    loaded = PassageIndex.load(tmp_path / "pq", mmap=True)
+    assert (loaded.search(x[:8], 5)[1] == ids).all()
 
 
 def test_get_passages(flat_index):
@@ -194,7 +216,7 @@ def test_load_dim_and_fingerprint_mismatch(saved):
     assert PassageIndex.load(saved, expected_dim=DIM, expected_fingerprint="a" * 64).count == N
 
 
-@pytest.mark.parametrize("name", [FAISS_INDEX_NAME, PASSAGES_NAME, EMBEDDINGS_NAME])
+@pytest.mark.parametrize("name", [FAISS_INDEX_NAME, PASSAGES_NAME])
 def test_corrupted_truncated_missing_files(saved, name):
     path = saved / name
     data = path.read_bytes()
@@ -218,8 +240,12 @@ def _rewrite_config(folder, **changes):
 
 
 def test_passage_count_differs_from_index_count(saved):
-    lines = (saved / PASSAGES_NAME).read_text().splitlines(keepends=True)
-    (saved / PASSAGES_NAME).write_text("".join(lines[:-1]))
+    from modeling_rag.passage_store import open_passage_store, write_passage_store
+
+    table = open_passage_store(saved / PASSAGES_NAME)
+    write_passage_store(saved / "short.arrow", [table.slice(0, N - 1)])
+    del table
+    os.replace(saved / "short.arrow", saved / PASSAGES_NAME)
     _rewrite_config(saved)  # checksums now agree: the count check must catch it
     with pytest.raises(IndexIntegrityError, match=r"299 passages but the index holds 300"):
         PassageIndex.load(saved)
@@ -266,7 +292,7 @@ def test_interrupted_save_keeps_previous_index(saved, data, monkeypatch):
     def failing_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(mod.np, "save", failing_save)  # fails after index.faiss + passages.jsonl are written
+    monkeypatch.setattr(mod, "_write_config", failing_save)  # fails after index.faiss + passages.arrow are written
     with pytest.raises(OSError, match="disk full"):
         bigger.save(saved)
     monkeypatch.undo()
@@ -287,9 +313,9 @@ def test_save_refuses_foreign_folder(tmp_path, flat_index):
 
 
 def test_never_pickles(saved):
-    np.load(saved / EMBEDDINGS_NAME, allow_pickle=False)
-    for line in (saved / PASSAGES_NAME).read_text().splitlines():
-        json.loads(line)
+    import pyarrow as pa
+
+    assert pa.ipc.open_file(saved / PASSAGES_NAME).read_all().num_rows == N  # Arrow IPC, not a pickle
 
 
 def test_interrupted_swap_restores_the_previous_index(saved, caplog):

@@ -302,8 +302,8 @@ def test_question_side_only_keeps_the_index(tiny, tmp_path):
         assert torch.equal(v, base_q[k]), k  # passages: the original encoder
     assert any(not torch.equal(v, base_q[k]) for k, v in saved.question_encoder.state_dict().items())
     with (
-        open(os.path.join(tiny["model"], "index", "embeddings.npy"), "rb") as f1,
-        open(out / "final" / "index" / "embeddings.npy", "rb") as f2,
+        open(os.path.join(tiny["model"], "index", "index.faiss"), "rb") as f1,
+        open(out / "final" / "index" / "index.faiss", "rb") as f2,
     ):
         assert f1.read() == f2.read()  # the same index vectors
     tracked = glob.glob(str(out / "tracking" / "*.jsonl"))

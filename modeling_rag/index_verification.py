@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from .assets import home_dir
-from .atomic import atomic_write_text
+from .utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

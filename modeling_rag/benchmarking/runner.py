@@ -71,6 +71,62 @@ def _flops(sides: Sides, phase: str, s: Settings, distinct: int | None) -> float
     return work_flops(phase, s, g, q, ctx, distinct=distinct)
 
 
+def _retrieval_and_inputs(sides: Sides, checks: CheckLog, timed_retrieval: bool, use_cpu_clock: bool, log):
+    """Times retrieval when asked (first: its first call is the first after loading), then checks that
+    both sides retrieve the same documents and build the same generator inputs. Returns (row, inputs)."""
+    row = None
+    if timed_retrieval:
+        row, timed = run_phase(sides, "retrieval", sides.s, use_cpu_clock, log)
+        ours, theirs = timed["ours"]["outputs"][0], timed["theirs"]["outputs"][0]
+        variants = {
+            f"{k} (call {i})": o
+            for k in ("ours", "ours_tokenising", "ours_warm")
+            for i, o in enumerate(timed[k]["outputs"])
+        }
+    else:
+        ours, theirs, variants = sides.retrieval_ours(), sides.retrieval_theirs(), {}
+    check_retrieval(checks, ours, theirs, sides.dtype, variants)
+    t_rows = lengths_of(theirs["context_attention_mask"])
+    inputs = {
+        "distinct_passages_retrieved": len(set(ours["retrieved_doc_ids"].reshape(-1).tolist())),
+        "generator_input_real_tokens": {
+            "min": min(t_rows),
+            "mean": round(statistics.mean(t_rows), 1),
+            "max": max(t_rows),
+        },
+        "ours_padded_to": int(ours["context_input_ids"].shape[1]),
+        "theirs_padded_to": int(theirs["context_input_ids"].shape[1]),
+        "theirs_padding_fraction": round(1 - sum(t_rows) / theirs["context_attention_mask"].numel(), 3),
+    }
+    log(f"inputs: {json.dumps(inputs)}")
+    return row, inputs
+
+
+def _checked_phase(sides: Sides, phase: str, checks: CheckLog, use_cpu_clock: bool, log) -> dict:
+    """Times a generation or training phase and checks that both sides' outputs agree."""
+    row, timed = run_phase(sides, phase, sides.s, use_cpu_clock, log)
+    outputs = {k: v["outputs"] for k, v in timed.items()}
+    if phase == "train":
+        check_training(checks, outputs, sides.dtype)
+        row["loss_and_grad_norms"] = {k: v[0] for k, v in outputs.items()}
+        return row
+    check_tokens(checks, phase, outputs)
+    first = outputs["ours"][0]
+    row["generated_shape"] = list(first.shape)
+    row["questions"] = first.shape[0]
+    row["distinct_answers"] = len({tuple(x) for x in first.tolist()})
+    return row
+
+
+def _memory_inprocess(sides: Sides, phases: list[str], result: dict) -> None:
+    for phase in phases:
+        for side in ["ours"] + (["theirs"] if phase != "concat" else []):
+            mib = measure_extra_memory(sides.callables(phase, side), sides.device)
+            result["phases"][phase].setdefault("extra_peak_mib", {})[side] = mib
+            if phase == "train":
+                sides.finish_train(side, 0.0)
+
+
 def run_dtype(w: Workload, args, dtype: torch.dtype, log, on_phase=None) -> dict:
     """All phases for one dtype; every check passes or `BenchmarkMismatch` stops the run."""
     device = torch.device(args.device)
@@ -100,51 +156,14 @@ def run_dtype(w: Workload, args, dtype: torch.dtype, log, on_phase=None) -> dict
     log(f"[{result['dtype']}] matrix-multiply peak: {peak / 1e9:.1f} GFLOP/s")
 
     phases = [p for p in PHASES if p in args.phases]
-    if "retrieval" in phases:  # first: its first call is the first after loading
-        row, timed = run_phase(sides, "retrieval", s, use_cpu_clock, log)
-        ours, theirs = timed["ours"]["outputs"][0], timed["theirs"]["outputs"][0]
-        variants = {
-            f"{k} (call {i})": o
-            for k in ("ours", "ours_tokenising", "ours_warm")
-            for i, o in enumerate(timed[k]["outputs"])
-        }
-    else:
-        ours, theirs, variants = sides.retrieval_ours(), sides.retrieval_theirs(), {}
-    check_retrieval(checks, ours, theirs, dtype, variants)
-    t_rows = lengths_of(theirs["context_attention_mask"])
-    result["inputs"] = {
-        "distinct_passages_retrieved": len(set(ours["retrieved_doc_ids"].reshape(-1).tolist())),
-        "generator_input_real_tokens": {
-            "min": min(t_rows),
-            "mean": round(statistics.mean(t_rows), 1),
-            "max": max(t_rows),
-        },
-        "ours_padded_to": int(ours["context_input_ids"].shape[1]),
-        "theirs_padded_to": int(theirs["context_input_ids"].shape[1]),
-        "theirs_padding_fraction": round(1 - sum(t_rows) / theirs["context_attention_mask"].numel(), 3),
-    }
-    log(f"inputs: {json.dumps(result['inputs'])}")
-
+    retrieval_row, result["inputs"] = _retrieval_and_inputs(sides, checks, "retrieval" in phases, use_cpu_clock, log)
     for phase in phases:
         distinct = None
         if phase == "rag_sequence":
             per_question = sides.distinct_hypotheses()
             distinct = sum(per_question)
             log(f"RAG-Sequence: distinct hypotheses per question {per_question}")
-        if phase == "retrieval":
-            pass  # timed above
-        else:
-            row, timed = run_phase(sides, phase, s, use_cpu_clock, log)
-            outputs = {k: v["outputs"] for k, v in timed.items()}
-            if phase == "train":
-                check_training(checks, outputs, dtype)
-                row["loss_and_grad_norms"] = {k: v[0] for k, v in outputs.items()}
-            else:
-                check_tokens(checks, phase, outputs)
-                first = outputs["ours"][0]
-                row["generated_shape"] = list(first.shape)
-                row["questions"] = first.shape[0]
-                row["distinct_answers"] = len({tuple(x) for x in first.tolist()})
+        row = retrieval_row if phase == "retrieval" else _checked_phase(sides, phase, checks, use_cpu_clock, log)
         if phase == "rag_sequence":
             row["distinct_hypotheses"] = per_question
         flops = _flops(sides, phase, s, distinct)
@@ -155,14 +174,8 @@ def run_dtype(w: Workload, args, dtype: torch.dtype, log, on_phase=None) -> dict
         log(phase_line(phase, row))
         if on_phase is not None:
             on_phase(result)
-
     if args.memory == "inprocess" or (args.memory == "subprocess" and device.type == "cuda"):
-        for phase in phases:
-            for side in ["ours"] + (["theirs"] if phase != "concat" else []):
-                mib = measure_extra_memory(sides.callables(phase, side), device)
-                result["phases"][phase].setdefault("extra_peak_mib", {})[side] = mib
-                if phase == "train":
-                    sides.finish_train(side, 0.0)
+        _memory_inprocess(sides, phases, result)
     del sides
     gc.collect()
     return result

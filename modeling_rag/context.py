@@ -190,6 +190,16 @@ class ContextPacker:
         for key, ids in zip(missing, encoded):
             self._remember(self._text_cache, key, list(ids))
 
+    def clear_cache(self, *, templates: bool = True) -> None:
+        """Forgets the tokenised passages (and, with `templates`, the tokenised title/template pieces).
+
+        Packing afterwards tokenises (or takes from the index's stored tokens) every passage again, as
+        for passages a process meets for the first time; benchmarks time that on purpose.
+        """
+        self._text_cache.clear()
+        if templates:
+            self._short_cache.clear()
+
     def passage_text_ids(self, text: str) -> list[int]:
         """Token ids of a passage's text, tokenised once and cached."""
         ids = self._cached(self._text_cache, self._text_key(text), text)

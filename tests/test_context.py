@@ -90,6 +90,31 @@ def test_passages_are_tokenised_once(tok):
     assert calls.count(passage["text"]) == 1
 
 
+def test_clear_cache_tokenises_passages_again_and_keeps_the_ids(tok):
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+            self.chat_template = None
+
+        def __call__(self, text, **kw):
+            calls.append(text)
+            return self.inner(text, **kw)
+
+    p = ContextPacker(
+        Counting(tok), budget=200, prompt_template=PROMPT, passage_template="{title}: {text}", use_chat_template=False
+    )
+    passage = {"title": "Italy", "text": "The capital of Italy is Rome."}
+    first = p.pack("q one", [passage]).input_ids
+    p.clear_cache(templates=False)
+    assert p.pack("q one", [passage]).input_ids == first
+    assert calls.count(passage["text"]) == 2 and calls.count("Italy: ") == 1
+    p.clear_cache()
+    assert p.pack("q one", [passage]).input_ids == first
+    assert calls.count(passage["text"]) == 3 and calls.count("Italy: ") == 2
+
+
 def test_chat_template_wraps_the_prompt(tok):
     tok = build_tiny_tokenizer()
     tok.chat_template = (

@@ -124,10 +124,33 @@ def _normalise(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
+# How readers that were not trained on the no-answer response still decline (instruction-tuned models asked to
+# "say that you don't know"): an answer that opens with one of these is an abstention too.
+REFUSAL_OPENINGS = (
+    "i don't know",
+    "i do not know",
+    "i don't have",
+    "i do not have",
+    "i'm not sure",
+    "i am not sure",
+    "i cannot answer",
+    "i can't answer",
+    "the passages do not",
+    "the passages don't",
+    "the documents do not",
+    "the documents don't",
+    "the provided passages do not",
+    "there is no information",
+)
+
+
 def is_no_answer(answer: str, no_answer_text: str) -> bool:
-    """Whether `answer` is the no-answer response (case, punctuation and trailing words aside)."""
+    """Whether `answer` is the no-answer response, or opens with a common refusal (`REFUSAL_OPENINGS`); case,
+    punctuation and trailing words aside."""
     answer, target = _normalise(answer), _normalise(no_answer_text)
-    return bool(target) and (answer == target or answer.startswith(target + " "))
+    if target and (answer == target or answer.startswith(target + " ")):
+        return True
+    return any(answer == r or answer.startswith(r + " ") for r in map(_normalise, REFUSAL_OPENINGS))
 
 
 class AnswerLogprobRecorder(LogitsProcessor):

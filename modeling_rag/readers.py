@@ -2,7 +2,8 @@
 installed package provides, never as a full copy of the weights.
 
 A reader folder holds peft's ``adapter_config.json`` and ``adapter_model.safetensors`` and our
-``reader_config.json``: the base generator it was trained on, the no-answer response it was taught, the
+``reader_config.json`` (a settings-only reader, ``"adapter": false``, has just the latter: the base
+generator as it is, with settings fitted for it, such as an abstention rule): the base generator it was trained on, the no-answer response it was taught, the
 context it was trained with (passages, token budget, prompt) and, when fitted, the abstention calibration
 (`modeling_rag.abstention`). `apply_reader` merges the adapter into a model's generator and copies those
 settings into the model's config, so the model answers as the reader was trained and evaluated.
@@ -29,6 +30,7 @@ __all__ = [
     "apply_reader",
     "read_reader_config",
     "save_reader",
+    "save_reader_settings",
     "shipped_reader_path",
 ]
 
@@ -48,7 +50,7 @@ READER_SETTINGS = (
     "abstention",
 )
 # base generator name (modeling_rag.assets) -> the reader shipped for it, a folder inside this package
-SHIPPED_READERS = {"SmolLM2-135M-Instruct": "readers_data/smollm2-135m-squad"}
+SHIPPED_READERS = {"SmolLM2-135M-Instruct": "readers_data/smollm2-135m-instruct"}
 
 
 def shipped_reader_path(base_generator: str) -> str | None:
@@ -57,13 +59,19 @@ def shipped_reader_path(base_generator: str) -> str | None:
     if relative is None:
         return None
     folder = Path(__file__).parent / relative
-    return str(folder) if all((folder / f).is_file() for f in (*ADAPTER_FILES, READER_CONFIG_NAME)) else None
+    return str(folder) if (folder / READER_CONFIG_NAME).is_file() else None
 
 
 def read_reader_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The reader's ``reader_config.json``; raises `RagConfigError` saying what is missing or wrong."""
     folder = Path(folder)
-    missing = [f for f in (*ADAPTER_FILES, READER_CONFIG_NAME) if not (folder / f).is_file()]
+    missing = [f for f in (READER_CONFIG_NAME,) if not (folder / f).is_file()]
+    if (folder / READER_CONFIG_NAME).is_file():
+        try:
+            has_adapter = json.loads((folder / READER_CONFIG_NAME).read_text(encoding="utf-8")).get("adapter", True)
+        except (OSError, ValueError):
+            has_adapter = True  # reported below
+        missing += [f for f in ADAPTER_FILES if has_adapter and not (folder / f).is_file()]
     if missing:
         raise RagConfigError(
             f"{folder} is not a reader adapter folder: {', '.join(missing)} missing. A reader folder is written by "
@@ -106,6 +114,26 @@ def save_reader(model, folder: str | os.PathLike, *, base_generator: str, notes:
     return str(folder)
 
 
+def save_reader_settings(model, folder: str | os.PathLike, *, base_generator: str, notes: dict | None = None) -> str:
+    """Saves a settings-only reader: the base generator as it is, with the reader settings of `model.config`
+    (e.g. an abstention rule fitted for the untuned generator). `apply_reader` merges no adapter for it."""
+    from .utils.atomic import atomic_write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format_version": READER_FORMAT_VERSION,
+        "adapter": False,
+        "base_generator": base_generator,
+        "base_model_type": model.config.generator.model_type,
+        "base_vocab_size": int(model.config.generator.vocab_size),
+        "settings": {name: getattr(model.config, name) for name in READER_SETTINGS},
+        "notes": notes or {},
+    }
+    atomic_write_text(str(folder / READER_CONFIG_NAME), json.dumps(config, indent=2, ensure_ascii=False))
+    return str(folder)
+
+
 def apply_reader(model, folder: str | os.PathLike) -> dict[str, Any]:
     """Merges the reader adapter in `folder` into `model.generator` and sets its settings on `model.config`.
 
@@ -124,8 +152,8 @@ def apply_reader(model, folder: str | os.PathLike) -> dict[str, Any]:
             f"{config.get('base_vocab_size')} ({config.get('base_generator')}), but this model's generator is a "
             f"{gen_config.model_type} with {gen_config.vocab_size}; use the generator it was trained on."
         )
-    merged = PeftModel.from_pretrained(model.generator, str(folder)).merge_and_unload()
-    model.generator = merged
+    if config.get("adapter", True):
+        model.generator = PeftModel.from_pretrained(model.generator, str(folder)).merge_and_unload()
     for name, value in config["settings"].items():
         setattr(model.config, name, value)
     model.config.validate_rag()

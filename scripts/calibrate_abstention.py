@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from modeling_rag import RagError, RagForGeneration, load_qa_examples
 from modeling_rag.abstention import AnswerSignals, fit_abstention
 from modeling_rag.constants import CONFIG_NAME
-from modeling_rag.readers import READER_CONFIG_NAME, read_reader_config
+from modeling_rag.readers import READER_CONFIG_NAME, read_reader_config, save_reader_settings
 from modeling_rag.utils.atomic import atomic_write_text
 
 
@@ -43,7 +43,17 @@ def get_parser() -> argparse.ArgumentParser:
         default=0.05,
         help="Share of answerable dev questions the rule may abstain on (default 0.05).",
     )
-    p.add_argument("--reader", default=None, help="A reader adapter folder whose settings get the rule too.")
+    p.add_argument(
+        "--reader",
+        default=None,
+        help="A reader folder whose settings get the rule too; a new folder becomes a settings-only reader "
+        "(the model's generator as it is, with this rule), which needs --base-generator.",
+    )
+    p.add_argument(
+        "--base-generator",
+        default=None,
+        help="With a new --reader folder: the name of the generator the rule was fitted for (e.g. SmolLM2-135M-Instruct).",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="Questions per generation batch.")
     p.add_argument("--max-new-tokens", type=int, default=None, help="Answer length; default: the config's.")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads.")
@@ -85,7 +95,14 @@ def main(argv=None) -> dict:
     config = json.loads(open(config_path, encoding="utf-8").read())
     config["abstention"] = rule
     atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if args.reader:
+    if args.reader and not os.path.isfile(os.path.join(args.reader, READER_CONFIG_NAME)):
+        if not args.base_generator:
+            raise SystemExit(
+                "error: a new --reader folder needs --base-generator NAME (the generator it was fitted for)."
+            )
+        model.config.abstention = rule
+        save_reader_settings(model, args.reader, base_generator=args.base_generator, notes={"abstention": fitted_on})
+    elif args.reader:
         reader = read_reader_config(args.reader)
         reader["settings"]["abstention"] = rule
         atomic_write_text(os.path.join(args.reader, READER_CONFIG_NAME), json.dumps(reader, indent=2) + "\n")

@@ -198,3 +198,11 @@ def test_calibrate_script_writes_the_rule_into_the_model_and_reader(tmp_path):
     assert rule["dev_metrics"]["answerable_abstained"] <= 0.25
     dump = json.loads((tmp_path / "fit.json").read_text())
     assert len(dump["answerable"]) == 4 and set(dump["answerable"][0]) == set(ABSTENTION_FEATURES)
+
+
+def test_common_refusals_count_as_abstaining():
+    text = "The documents don't say."
+    for refusal in ("I don't know.", "I do not know the answer.", "The passages do not mention Mongolia."):
+        assert is_no_answer(refusal, text), refusal
+    assert not is_no_answer("I know: Rollo.", text)
+    assert not is_no_answer("Idaho is a state.", text)

@@ -10,7 +10,8 @@ folder) and, with ``--reader``, into a reader adapter's settings, so that it shi
 
     python scripts/calibrate_abstention.py --model runs/reader/final \\
         --answerable data/squad_v2_5articles/dev.jsonl \\
-        --unanswerable data/squad_v2_5articles/unanswerable_dev.jsonl --reader runs/reader/adapter
+        --unanswerable data/squad_v2_5articles/unanswerable_dev.jsonl data/squad_v1_dev_22articles/off_corpus_sample92.jsonl \\
+        --reader runs/reader/adapter
 
 Fit it on dev questions only; measure it on others (``scripts/evaluate_rag.py --unanswerable``).
 """
@@ -36,7 +37,13 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="A saved RagForGeneration folder with its index.")
     p.add_argument("--answerable", required=True, help="Dev questions with gold answers (.jsonl).")
-    p.add_argument("--unanswerable", required=True, help="Dev questions the documents do not answer (.jsonl).")
+    p.add_argument(
+        "--unanswerable",
+        required=True,
+        nargs="+",
+        help="Dev questions the documents do not answer (.jsonl files): questions written against a passage that "
+        "does not answer them (SQuAD v2) and questions about what the corpus does not cover at all.",
+    )
     p.add_argument(
         "--max-false-abstention",
         type=float,
@@ -79,13 +86,13 @@ def main(argv=None) -> dict:
     model = RagForGeneration.from_pretrained(args.model).eval()
     model.config.abstention = None  # fit from the reader's own signals, not from an earlier rule
     answerable = [e.question for e in load_qa_examples(args.answerable)]
-    unanswerable = [e.question for e in load_qa_examples(args.unanswerable, require_answers=False)]
+    unanswerable = [e.question for path in args.unanswerable for e in load_qa_examples(path, require_answers=False)]
     with torch.no_grad():
         sig_a = collect_signals(model, answerable, args.batch_size, args.max_new_tokens, "answerable dev")
         sig_u = collect_signals(model, unanswerable, args.batch_size, args.max_new_tokens, "unanswerable dev")
     fitted_on = (
         f"{len(answerable)} answerable ({os.path.basename(args.answerable)}) and {len(unanswerable)} unanswerable "
-        f"({os.path.basename(args.unanswerable)}) dev questions, at most {args.max_false_abstention:.0%} "
+        f"({', '.join(map(os.path.basename, args.unanswerable))}) dev questions, at most {args.max_false_abstention:.0%} "
         "answerable abstained"
     )
     cal = fit_abstention(sig_a, sig_u, max_false_abstention=args.max_false_abstention, fitted_on=fitted_on)

@@ -41,6 +41,7 @@ __all__ = [
     "AnswerLogprobRecorder",
     "AnswerSignals",
     "abstain_decisions",
+    "decline_before_generating",
     "max_similarity",
     "no_answer_first_token",
     "fit_abstention",
@@ -60,6 +61,9 @@ class AbstentionCalibration:
         threshold: Answers with a confidence below this are replaced by the no-answer response.
         fitted_on: Where the calibration came from (data and counts), for the model card.
         dev_metrics: What the rule gave on the data it was fitted on (share abstained, per kind of question).
+        retrieval_floor: The lowest `max_similarity` of an answerable dev question. A question whose passages
+            are less similar than that is declined before generating (a streamed answer then shows only the
+            no-answer response, never a reader's guess). ``None``: no such gate.
     """
 
     weights: list[float]
@@ -68,6 +72,7 @@ class AbstentionCalibration:
     fitted_on: str = ""
     dev_metrics: dict = field(default_factory=dict)
     features: list[str] = field(default_factory=lambda: list(ABSTENTION_FEATURES))
+    retrieval_floor: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> AbstentionCalibration:
@@ -295,6 +300,7 @@ def fit_abstention(
     weights = (w.detach().numpy() / std).tolist()
     bias = float(b.detach()) - float(np.sum(w.detach().numpy() * mean / std))
     cal = AbstentionCalibration(weights=weights, bias=bias, threshold=0.0, fitted_on=fitted_on)
+    cal.retrieval_floor = float(np.min(answerable.max_similarity)) - 1e-6
     _, conf_a = abstain_decisions(answerable, cal, threshold=0.0)
     reader_abstains = answerable.says_no_answer > 0.5
     budget = max_false_abstention * len(conf_a) - reader_abstains.sum()
@@ -360,3 +366,40 @@ def judge_answers(
     )
     abstained, confidence = abstain_decisions(signals, calibration_of(model.config), threshold)
     return abstained, confidence, signals
+
+
+@torch.no_grad()
+def decline_before_generating(model, question: str, n_docs=None, threshold=None):
+    """A `RagAnswer` that abstains without generating when `question`'s retrieved passages are below the
+    calibration's `retrieval_floor`; ``None`` when the question should go to the reader (no index, no floor,
+    ``threshold=0``, or passages similar enough)."""
+    from .modeling_outputs import RagAnswer, RagSource
+
+    calibration = calibration_of(model.config)
+    if calibration is None or calibration.retrieval_floor is None or model.retriever is None or threshold == 0:
+        return None
+    retrieved = model.retrieve([question], n_docs=n_docs)
+    similarity = max_similarity(model, [question], retrieved.passages, retrieved.row_ids)[0]
+    if similarity >= calibration.retrieval_floor:
+        return None
+    sources = [
+        RagSource(
+            id=str(p.get("id")),
+            title=p.get("title") or "",
+            text=p.get("text") or "",
+            score=float(retrieved.doc_scores[0][rank]),
+            source=p.get("source"),
+            rank=rank + 1,
+        )
+        for rank, p in enumerate(retrieved.passages[0])
+    ]
+    signals = {name: float("nan") for name in ABSTENTION_FEATURES}
+    signals["max_similarity"] = float(similarity)
+    return RagAnswer(
+        question=question,
+        answer=model.config.no_answer_text,
+        sources=sources,
+        abstained=True,
+        confidence=0.0,
+        signals=signals,
+    )

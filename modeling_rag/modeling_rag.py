@@ -495,12 +495,23 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         `TextIteratorStreamer(tokenizer.generator, skip_prompt=True)`) receives the answer's tokens as they
         are generated; it takes one question at a time.
         """
-        from .abstention import judge_answers, recorder_for
+        from .abstention import decline_before_generating, judge_answers, recorder_for
 
         questions = self._check_questions(questions)
         if streamer is not None:
             if len(questions) != 1:
                 raise RagInputError(f"A streamer follows one answer: pass one question, got {len(questions)}.")
+            declined = (
+                None
+                if passages is not None
+                else decline_before_generating(self, questions[0], n_docs, abstention_threshold)
+            )
+            if declined is not None:  # nothing the reader could guess reaches the stream
+                if hasattr(streamer, "on_finalized_text"):
+                    streamer.on_finalized_text(declined.answer, stream_end=True)
+                else:
+                    streamer.end()
+                return [declined]
             generate_kwargs["streamer"] = streamer
         recorder = recorder_for(self, generation_mode or self.config.generation_mode, generate_kwargs)
         out = self.generate(

@@ -195,7 +195,7 @@ def print_answer(result, show_passages: int, seconds: float, streamed: bool = Fa
     if not streamed:
         print(f"\nQ: {result.question}")
         print(textwrap.fill(f"A: {result.answer}", width=100, subsequent_indent="   "))
-    elif result.abstained:
+    elif result.abstained and result.reader_answer is not None:  # the reader's words were streamed
         print(f"   -> {result.answer} (the answer above is not supported by the documents)")
     timing = f"{seconds:.1f} s" + (f", first token after {first_token:.1f} s" if first_token is not None else "")
     confidence = f"confidence {result.confidence:.2f}" if result.confidence is not None else ""

@@ -206,3 +206,44 @@ def test_common_refusals_count_as_abstaining():
         assert is_no_answer(refusal, text), refusal
     assert not is_no_answer("I know: Rollo.", text)
     assert not is_no_answer("Idaho is a state.", text)
+
+
+def test_a_stream_below_the_retrieval_floor_shows_only_the_no_answer_response(tmp_path):
+    import json
+
+    model = make_tiny_rag("gpt2", "concat", max_new_tokens=6, n_docs=2)
+    corpus = tmp_path / "passages.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in TINY_PASSAGES))
+    model.build_index(str(corpus), show_progress=False)
+    rule = AbstentionCalibration(weights=[0.0] * 4, bias=5.0, threshold=0.5, retrieval_floor=2.0)  # nothing passes
+    model.config.abstention = rule.to_dict()
+
+    def stream(**kwargs):
+        streamer = TextIteratorStreamer(model.tokenizer.generator, skip_prompt=True, skip_special_tokens=True)
+        result = {}
+        thread = threading.Thread(
+            target=lambda: result.update(a=model.answer(QUESTIONS[:1], streamer=streamer, **kwargs))
+        )
+        thread.start()
+        text = "".join(streamer)
+        thread.join()
+        return text, result["a"][0]
+
+    text, declined = stream()
+    assert text.strip() == model.config.no_answer_text and declined.abstained and declined.confidence == 0.0
+    assert declined.sources and declined.signals["max_similarity"] < 2.0 and declined.reader_answer is None
+    # threshold 0 (the reader decides): the reader's answer streams as usual
+    text, answered = stream(abstention_threshold=0.0)
+    assert not answered.abstained and text.strip() == answered.answer
+    rule.retrieval_floor = -2.0  # everything passes the gate: post-hoc rule (bias 5: confident)
+    model.config.abstention = rule.to_dict()
+    text, answered = stream()
+    assert not answered.abstained and text.strip() == answered.answer
+
+
+def test_fit_sets_the_retrieval_floor_at_the_least_similar_answerable_question():
+    rng = np.random.default_rng(2)
+    answerable = _signals(rng, 50, similarity=0.6, logprob=-0.5)
+    cal = fit_abstention(answerable, _signals(rng, 50, similarity=0.1, logprob=-2.0))
+    assert cal.retrieval_floor == pytest.approx(answerable.max_similarity.min(), abs=1e-5)
+    assert cal.retrieval_floor < answerable.max_similarity.min()

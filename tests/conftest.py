@@ -209,6 +209,19 @@ GENERATOR_KINDS = ("gpt2", "llama", "bart", "t5")
 
 
 @pytest.fixture
+def fresh_accelerate_state():
+    """Resets accelerate's singletons around a test that builds its own `Accelerator` in process (the
+    training and evaluation scripts run in the test's process); use with `pytest.mark.usefixtures`."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
 def tmp_cache(tmp_path, monkeypatch):
     """A per-test folder for anything a test wants to keep out of the session caches."""
     monkeypatch.setenv("MODELING_RAG_HOME", str(tmp_path / "home"))

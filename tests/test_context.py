@@ -69,20 +69,24 @@ def test_empty_question_is_refused(tok):
         packer(tok).pack("   ", [])
 
 
+class Counting:
+    """A tokenizer that records every text it is called on (in `calls`)."""
+
+    def __init__(self, inner, calls):
+        self.inner = inner
+        self.calls = calls
+        self.chat_template = None
+
+    def __call__(self, text, **kw):
+        self.calls.append(text)
+        return self.inner(text, **kw)
+
+
 def test_passages_are_tokenised_once(tok):
     calls = []
 
-    class Counting:
-        def __init__(self, inner):
-            self.inner = inner
-            self.chat_template = None
-
-        def __call__(self, text, **kw):
-            calls.append(text)
-            return self.inner(text, **kw)
-
     p = ContextPacker(
-        Counting(tok), budget=200, prompt_template=PROMPT, passage_template="{text}", use_chat_template=False
+        Counting(tok, calls), budget=200, prompt_template=PROMPT, passage_template="{text}", use_chat_template=False
     )
     passage = {"title": "", "text": "The capital of Italy is Rome."}
     p.pack("q one", [passage])
@@ -93,17 +97,12 @@ def test_passages_are_tokenised_once(tok):
 def test_clear_cache_tokenises_passages_again_and_keeps_the_ids(tok):
     calls = []
 
-    class Counting:
-        def __init__(self, inner):
-            self.inner = inner
-            self.chat_template = None
-
-        def __call__(self, text, **kw):
-            calls.append(text)
-            return self.inner(text, **kw)
-
     p = ContextPacker(
-        Counting(tok), budget=200, prompt_template=PROMPT, passage_template="{title}: {text}", use_chat_template=False
+        Counting(tok, calls),
+        budget=200,
+        prompt_template=PROMPT,
+        passage_template="{title}: {text}",
+        use_chat_template=False,
     )
     passage = {"title": "Italy", "text": "The capital of Italy is Rome."}
     first = p.pack("q one", [passage]).input_ids

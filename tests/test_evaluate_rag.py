@@ -56,14 +56,7 @@ def load_script():
 evaluate_rag = load_script()
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run creates its own Accelerator; reset accelerate's singletons around it."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # each in-process run creates its own Accelerator
 
 
 def write_jsonl(path, rows):

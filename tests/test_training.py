@@ -50,16 +50,8 @@ def _script(name):
     return module
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator: reset accelerate's singletons around it."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+# each in-process run builds its own Accelerator
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _write_jsonl(path, rows):

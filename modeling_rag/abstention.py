@@ -383,14 +383,7 @@ def decline_before_generating(model, question: str, n_docs=None, threshold=None)
     if similarity >= calibration.retrieval_floor:
         return None
     sources = [
-        RagSource(
-            id=str(p.get("id")),
-            title=p.get("title") or "",
-            text=p.get("text") or "",
-            score=float(retrieved.doc_scores[0][rank]),
-            source=p.get("source"),
-            rank=rank + 1,
-        )
+        RagSource.from_passage(p, rank + 1, float(retrieved.doc_scores[0][rank]))
         for rank, p in enumerate(retrieved.passages[0])
     ]
     signals = {name: float("nan") for name in ABSTENTION_FEATURES}

@@ -81,6 +81,20 @@ class RagSource:
     rank: int = 0
     posterior: float | None = None
 
+    @classmethod
+    def from_passage(cls, passage: dict, rank: int, score: float, posterior: float | None = None) -> RagSource:
+        """The source of a retrieved or given passage dict; `rank` is 1-based."""
+        pid = passage.get("id")
+        return cls(
+            id=str(pid) if pid is not None else f"passage-{rank}",
+            title=passage.get("title") or "",
+            text=passage.get("text") or "",
+            score=score,
+            source=passage.get("source"),
+            rank=rank,
+            posterior=posterior,
+        )
+
 
 @dataclass
 class RagAnswer:

@@ -536,17 +536,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             for rank, p in enumerate(out.passages[i]):
                 score = float(out.doc_scores[i, rank]) if out.doc_scores is not None else float("nan")
                 post = float(out.doc_posteriors[i, rank]) if out.doc_posteriors is not None else None
-                sources.append(
-                    RagSource(
-                        id=str(p.get("id")) if p.get("id") is not None else f"passage-{rank + 1}",
-                        title=p.get("title") or "",
-                        text=p.get("text") or "",
-                        score=score,
-                        source=p.get("source"),
-                        rank=rank + 1,
-                        posterior=post,
-                    )
-                )
+                sources.append(RagSource.from_passage(p, rank + 1, score, post))
             answers.append(
                 RagAnswer(
                     question=q,

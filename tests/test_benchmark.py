@@ -77,3 +77,32 @@ def test_repeats_alternate_the_order_of_the_sides_and_time_the_first_call_apart(
 def test_flop_count_grows_with_padding_free_lengths():
     assert encoder_flops([200], 6, 768, 3072) > encoder_flops([100], 6, 768, 3072) * 2 - 1
     assert decoder_flops([100], 2, 1, 8, 16, 10) > decoder_flops([100], 1, 1, 8, 16, 10)
+
+
+def test_peer_rag_sequence_decodes_its_contexts_with_their_attention_mask():
+    """transformers' RagSequenceForGeneration.generate drops the contexts' mask; the benchmark puts it back."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from modeling_rag.benchmarking.sides import _MaskedContextGenerator
+
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, init_std=0.5,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+        forced_bos_token_id=None, forced_eos_token_id=None,
+    )  # fmt: skip
+    bart = BartForConditionalGeneration(config).eval()
+    ids = torch.randint(3, 64, (4, 12))
+    ids[:2, 6:] = 1  # two right-padded contexts
+    mask = ids.ne(1).long()
+    kwargs = {"max_length": 6, "min_length": 6, "num_beams": 1, "do_sample": False, "pad_token_id": 1}
+    wrapped = _MaskedContextGenerator(bart, pad_token_id=1)
+    with torch.no_grad():
+        masked = bart.generate(ids, attention_mask=mask, **kwargs)
+        attending_pads = bart.generate(ids, attention_mask=torch.ones_like(mask), **kwargs)
+        assert not torch.equal(masked, attending_pads)  # the padding changes the output of this generator
+        assert torch.equal(wrapped.generate(ids, attention_mask=None, **kwargs), masked)
+    assert wrapped.config is bart.config and dict(wrapped.named_parameters()).keys() == {
+        f"inner.{k}" for k, _ in bart.named_parameters()
+    }

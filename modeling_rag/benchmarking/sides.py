@@ -49,10 +49,10 @@ def spread_passage_vectors(w: Workload, dpr) -> None:
 
 
 def fingerprint(module: torch.nn.Module) -> str:
-    """A short hash of a module's weights (names without the DPR wrapper's prefix)."""
+    """A short hash of a module's weights (names without the DPR wrapper's or the mask wrapper's prefix)."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
-        h.update(name.split("bert_model.")[-1].encode())
+        h.update(name.split("bert_model.")[-1].removeprefix("inner.").encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -139,7 +139,43 @@ def build_theirs(w: Workload, dpr, bart):
     )
     token = RagTokenForGeneration(config=config, question_encoder=dpr, generator=bart, retriever=retriever).eval()
     seq = RagSequenceForGeneration(config=config, question_encoder=dpr, generator=bart, retriever=retriever).eval()
+    restore_context_mask(seq, w.gtok.pad_token_id)
     return token, seq, retriever
+
+
+class _MaskedContextGenerator(torch.nn.Module):
+    """The peer's generator, with the contexts' attention mask put back when `generate` is given none.
+
+    transformers' `RagSequenceForGeneration.generate` calls `self.generator.generate(context_input_ids,
+    attention_mask=None, ...)`: it decodes every document from its padded context with the padding
+    attended (its rescoring forward does pass the mask). Once the output depends on the input, that
+    yields other hypotheses than decoding the real tokens, so the two sides would not do the same
+    work. The mask costs nothing to compute; everything else of the peer runs as it ships.
+    """
+
+    def __init__(self, generator: torch.nn.Module, pad_token_id: int):
+        super().__init__()
+        self.inner = generator
+        self.pad_token_id = pad_token_id
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        if attention_mask is None and input_ids is not None:
+            attention_mask = input_ids.ne(self.pad_token_id).long()
+        return self.inner.generate(input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def restore_context_mask(model, pad_token_id: int) -> None:
+    """Wraps `model.rag.generator` (a transformers RAG model) in `_MaskedContextGenerator`; the weights stay shared."""
+    model.rag.generator = _MaskedContextGenerator(model.rag.generator, pad_token_id)
 
 
 def grad_norm(module: torch.nn.Module) -> float:

@@ -12,7 +12,7 @@ next while cosines do not. The default weight was chosen on training questions (
 Whatever the retrieval, the exact stored dense vectors of the chosen rows come back too, so a model
 can recompute differentiable document scores.
 
-A saved retriever is an index folder (see `index_faiss.py`) whose ``index_config.json`` also
+A saved retriever is an index folder (see `index/__init__.py`) whose ``index_config.json`` also
 holds a ``"retriever"`` entry (retrieval settings) and an ``"encoding"`` entry (pooling,
 normalisation), plus a ``bm25/`` subfolder when a BM25 index is kept and a ``passage_tokens/``
 subfolder when the passages' generator token ids are stored (`passage_tokens.py`).
@@ -34,8 +34,8 @@ from .constants import BM25_DIR, PASSAGE_TOKENS_DIR
 from .corpus import chunk_documents, chunking_config, passage_text, read_corpus
 from .encoders import POOLING_METHODS, encode_texts, encode_texts_resumable, weights_fingerprint
 from .errors import IndexIntegrityError, IndexMismatchError, RagConfigError, RagInputError
-from .index_bm25 import BM25Index
-from .index_faiss import PassageIndex
+from .index.bm25 import BM25Index
+from .index.passage_index import PassageIndex
 from .passage_tokens import PassageTokens
 
 RETRIEVAL_MODES = ("dense", "bm25", "hybrid")

@@ -115,7 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate a saved RAG model: retrieval top-k accuracy, EM/F1 and latency.",
     )
-    model = parser.add_argument_group("model and index")
+    _add_model_args(parser.add_argument_group("model and index"))
+    _add_question_args(parser.add_argument_group("questions"))
+    _add_run_args(parser.add_argument_group("evaluation"))
+    return parser
+
+
+def _add_model_args(model) -> None:
+    """The model, its index and how passages are retrieved."""
     model.add_argument("--model", required=True, help="A saved RagForGeneration: a local folder or a Hub repo id.")
     model.add_argument(
         "--revision", default=None, help="Branch, tag or commit of the Hub repo (ignored for a local folder)."
@@ -173,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default: config.n_candidates.",
     )
 
-    data = parser.add_argument_group("questions")
+
+def _add_question_args(data) -> None:
+    """Where the questions come from and which of them are used."""
     source = data.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--questions",
@@ -208,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Treat a question without gold answers as an error (by default it is only skipped by EM/F1).",
     )
 
-    run = parser.add_argument_group("evaluation")
+
+def _add_run_args(run) -> None:
+    """How the evaluation runs (generation, batching, processes) and what it writes."""
     run.add_argument(
         "--output-dir",
         default="eval_results",
@@ -267,7 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"For a local --model folder: merge the scores into its {EVAL_RESULTS_NAME} and regenerate its "
         "model card (README.md) with them.",
     )
-    return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

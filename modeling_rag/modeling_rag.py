@@ -6,7 +6,10 @@ retriever, tokenizer) and saves and loads them; the work of a call is done elsew
 - `inputs.py`: questions (and answers) to a batch of tensors, retrieving and packing passages;
 - `modes/`: the RAG mode of the call (`concat`, `rag_sequence`, `rag_token`), its loss and its generation;
 - `generators/`: how the generator is driven (decoder-only or encoder-decoder), with the speed
-  options of the call (`speedups/`).
+  options of the call (`speedups/`);
+- `answering.py`: `answer()`, from questions to `RagAnswer`s with sources and abstention;
+- `model_parts.py`: the checks made when a tokenizer or an index is attached, and `build_index`;
+- `model_io.py`: building from two checkpoints, the journaled save, loading a saved folder.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ from .tokenization_rag import RagTokenizer  # noqa: E402
 _LAZY = {
     "RagRetriever": "retrieval_rag",
     "RetrievalOutput": "retrieval_rag",
-    "PassageIndex": "index_faiss",
-    "BM25Index": "index_bm25",
+    "PassageIndex": "index.passage_index",
+    "BM25Index": "index.bm25",
     "ContextPacker": "context",
     "read_corpus": "corpus",
     "chunk_documents": "corpus",

@@ -275,43 +275,55 @@ class RagConfig(PretrainedConfig):
     # -- validation ---------------------------------------------------------------------------------
     def validate_rag(self) -> None:
         """Checks every retrieval setting; raises `RagConfigError` (a `ValueError`) naming the bad field."""
+        self._check_choices_and_numbers()
+        self._check_texts()
+        self._check_locations()
+        if self.context_encoder is not None:
+            q_dim = getattr(self.question_encoder, "hidden_size", None)
+            c_dim = getattr(self.context_encoder, "hidden_size", None)
+            if q_dim is not None and c_dim is not None and q_dim != c_dim:
+                raise RagConfigError(
+                    f"context_encoder hidden_size ({c_dim}) differs from question_encoder hidden_size ({q_dim}); "
+                    "question and passage vectors must have the same dimension."
+                )
 
-        def choice(field, allowed):
-            value = getattr(self, field)
-            if value not in allowed:
-                raise RagConfigError(f"{field} must be one of {list(allowed)}, got {value!r}.")
+    def _choice(self, field: str, allowed) -> None:
+        value = getattr(self, field)
+        if value not in allowed:
+            raise RagConfigError(f"{field} must be one of {list(allowed)}, got {value!r}.")
 
-        def positive_int(field, allow_none=False, minimum=1):
-            value = getattr(self, field)
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise RagConfigError(f"{field} must be an integer >= {minimum}, got {value!r}.")
+    def _positive_int(self, field: str, allow_none: bool = False, minimum: int = 1) -> None:
+        value = getattr(self, field)
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise RagConfigError(f"{field} must be an integer >= {minimum}, got {value!r}.")
 
-        choice("question_pooling", POOLING_METHODS)
-        choice("similarity", SIMILARITIES)
-        choice("retrieval", RETRIEVAL_METHODS)
-        choice("fusion", FUSION_METHODS)
-        choice("fusion_normalization", FUSION_NORMALIZATIONS)
-        choice("generation_mode", GENERATION_MODES)
-        choice("sequence_decoding", SEQUENCE_DECODING)
-        choice("loss_reduction", ("mean", "sum"))
-        choice("question_overflow", ("truncate", "error"))
-        positive_int("n_docs")
-        positive_int("question_max_length")
-        positive_int("rrf_k")
-        positive_int("fusion_depth")
-        positive_int("n_candidates")
-        positive_int("max_new_tokens")
-        positive_int("max_input_tokens", allow_none=True)
-        positive_int("max_passage_tokens", allow_none=True)
-        positive_int("min_passage_tokens", minimum=0)
+    def _check_choices_and_numbers(self) -> None:
+        """The settings with a fixed set of values, and the numeric ones."""
+        # allowed combinations worth knowing: l2 search over un-normalised DPR-style pooler vectors; the
+        # marginalised modes with bm25 retrieval (its rankings are rescored with the dense vectors)
+        self._choice("question_pooling", POOLING_METHODS)
+        self._choice("similarity", SIMILARITIES)
+        self._choice("retrieval", RETRIEVAL_METHODS)
+        self._choice("fusion", FUSION_METHODS)
+        self._choice("fusion_normalization", FUSION_NORMALIZATIONS)
+        self._choice("generation_mode", GENERATION_MODES)
+        self._choice("sequence_decoding", SEQUENCE_DECODING)
+        self._choice("loss_reduction", ("mean", "sum"))
+        self._choice("question_overflow", ("truncate", "error"))
+        for field in ("n_docs", "question_max_length", "rrf_k", "fusion_depth", "n_candidates", "max_new_tokens"):
+            self._positive_int(field)
+        self._positive_int("max_input_tokens", allow_none=True)
+        self._positive_int("max_passage_tokens", allow_none=True)
+        self._positive_int("min_passage_tokens", minimum=0)
         if not isinstance(self.hybrid_alpha, (int, float)) or not 0.0 <= float(self.hybrid_alpha) <= 1.0:
             raise RagConfigError(f"hybrid_alpha must be between 0 and 1, got {self.hybrid_alpha!r}.")
         if not isinstance(self.label_smoothing, (int, float)) or not 0.0 <= float(self.label_smoothing) < 1.0:
             raise RagConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}.")
-        if self.similarity == "l2" and self.normalize_embeddings is False and self.question_pooling == "pooler":
-            pass  # allowed: DPR-style pooler vectors with L2 search
+
+    def _check_texts(self) -> None:
+        """The prompt and passage templates (their placeholders), the no-answer text and the abstention rule."""
         for field in ("prompt_template", "passage_template", "passage_separator", "instruction"):
             if not isinstance(getattr(self, field), str):
                 raise RagConfigError(f"{field} must be a string.")
@@ -334,7 +346,9 @@ class RagConfig(PretrainedConfig):
                 f"prompt_template / passage_template use an unknown placeholder ({err}); allowed: "
                 "{instruction}, {context}, {question} and {title}, {text}, {rank}."
             ) from None
-        # index and reranker locations: relative paths inside the model folder
+
+    def _check_locations(self) -> None:
+        """Index and reranker locations: relative paths inside the model folder, or the index's own repo."""
         _check_subfolder("index_path", self.index_path, "index")
         if self.reranker is not None:
             _check_subfolder("reranker", self.reranker, "reranker")
@@ -345,18 +359,7 @@ class RagConfig(PretrainedConfig):
                 )
         if self.index_revision is not None and self.index_repo_id is None:
             raise RagConfigError("index_revision is set but index_repo_id is not; name the repo that holds the index.")
-        choice("index_repo_type", ("dataset", "model"))
-        if self.generation_mode in ("rag_sequence", "rag_token") and self.retrieval == "bm25":
-            # marginalisation needs dense scores; bm25 rankings are rescored with the dense vectors
-            pass
-        if self.context_encoder is not None:
-            q_dim = getattr(self.question_encoder, "hidden_size", None)
-            c_dim = getattr(self.context_encoder, "hidden_size", None)
-            if q_dim is not None and c_dim is not None and q_dim != c_dim:
-                raise RagConfigError(
-                    f"context_encoder hidden_size ({c_dim}) differs from question_encoder hidden_size ({q_dim}); "
-                    "question and passage vectors must have the same dimension."
-                )
+        self._choice("index_repo_type", ("dataset", "model"))
 
     # -- constructors -------------------------------------------------------------------------------
     @classmethod

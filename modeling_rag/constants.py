@@ -11,10 +11,10 @@ MODEL_CARD_NAME = "README.md"
 TRAINING_CONFIG_NAME = "training_config.yaml"
 EVAL_RESULTS_NAME = "eval_results.json"
 
-# An index folder (see index_faiss.py)
+# An index folder (see index/__init__.py)
 INDEX_CONFIG_NAME = "index_config.json"
 FAISS_INDEX_NAME = "index.faiss"
-PASSAGES_NAME = "passages.arrow"  # Arrow IPC file (see passage_store.py)
+PASSAGES_NAME = "passages.arrow"  # Arrow IPC file (see index/passage_store.py)
 EXACT_VECTORS_NAME = "vectors.f16.npy"  # ivf_pq only, optional: the exact vectors in float16
 LEGACY_PASSAGES_NAME = "passages.jsonl"  # format 1
 EMBEDDINGS_NAME = "embeddings.npy"  # format 1: a second float32 copy of the vectors

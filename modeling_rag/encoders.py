@@ -159,15 +159,8 @@ def encode_texts_resumable(
     if shard_size < 1:
         raise RagConfigError(f"shard_size must be a positive integer, got {shard_size}.")
     texts, encode_kwargs = list(texts), dict(encode_kwargs)
-    digest = hashlib.sha256()
-    digest.update((fingerprint or weights_fingerprint(encoder)).encode())
-    digest.update(json.dumps({k: encode_kwargs.get(k) for k in ("pooling", "normalize", "max_length")}).encode())
-    digest.update(str(shard_size).encode())
-    for t in texts:
-        digest.update(hashlib.sha256(t.encode("utf-8")).digest())
-    key = digest.hexdigest()
+    key = _shard_key(texts, fingerprint or weights_fingerprint(encoder), encode_kwargs, shard_size)
     n_shards = max(1, -(-len(texts) // shard_size))
-    state_path = os.path.join(work_dir, SHARD_STATE_NAME)
 
     def shard_path(i: int) -> str:
         return os.path.join(work_dir, f"shard_{i:05d}.npy")
@@ -183,17 +176,7 @@ def encode_texts_resumable(
         return arr
 
     if rank == 0:
-        os.makedirs(work_dir, exist_ok=True)
-        try:
-            with open(state_path, encoding="utf-8") as f:
-                same = json.load(f).get("key") == key
-        except (OSError, ValueError, AttributeError):
-            same = False
-        if not same:  # another corpus, encoder or setting: its shards are of no use
-            for name in os.listdir(work_dir):
-                if _is_shard_file(name):
-                    os.remove(os.path.join(work_dir, name))
-            atomic_write_text(state_path, json.dumps({"key": key, "shards": n_shards, "texts": len(texts)}) + "\n")
+        _prepare_shard_dir(work_dir, key, n_shards, len(texts))
     if barrier is not None:
         barrier()
     mine = [i for i in range(n_shards) if i % world_size == rank]
@@ -214,6 +197,33 @@ def encode_texts_resumable(
             raise OSError(f"Shard {shard_path(i)} is missing or damaged after encoding; run the build again.")
         parts.append(arr)
     return np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.float32)
+
+
+def _shard_key(texts: list[str], fingerprint: str, encode_kwargs: dict, shard_size: int) -> str:
+    """A key over the encoder's weights, the encoding settings, the shard size and every text."""
+    digest = hashlib.sha256()
+    digest.update(fingerprint.encode())
+    digest.update(json.dumps({k: encode_kwargs.get(k) for k in ("pooling", "normalize", "max_length")}).encode())
+    digest.update(str(shard_size).encode())
+    for t in texts:
+        digest.update(hashlib.sha256(t.encode("utf-8")).digest())
+    return digest.hexdigest()
+
+
+def _prepare_shard_dir(work_dir: str, key: str, n_shards: int, n_texts: int) -> None:
+    """Keeps the shards in `work_dir` when they were made under `key`; removes them otherwise and records `key`."""
+    os.makedirs(work_dir, exist_ok=True)
+    state_path = os.path.join(work_dir, SHARD_STATE_NAME)
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            same = json.load(f).get("key") == key
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if not same:  # another corpus, encoder or setting: its shards are of no use
+        for name in os.listdir(work_dir):
+            if _is_shard_file(name):
+                os.remove(os.path.join(work_dir, name))
+        atomic_write_text(state_path, json.dumps({"key": key, "shards": n_shards, "texts": n_texts}) + "\n")
 
 
 def _is_shard_file(name: str) -> bool:

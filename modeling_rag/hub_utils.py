@@ -116,17 +116,9 @@ def resolve_model_folder(
         )
 
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     offline = local_files_only or _env_offline()
-    where = _describe(name, repo_type, revision)
     try:
         folder = snapshot_download(
             name,
@@ -137,40 +129,64 @@ def resolve_model_folder(
             local_files_only=offline,
             allow_patterns=list(allow_patterns) if isinstance(allow_patterns, (list, tuple)) else allow_patterns,
         )
-    except HFValidationError as err:
-        raise HubError(
-            f"'{name}' is neither an existing local folder nor a valid Hub repo id ('org/name'): {err}"
+    except (HFValidationError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        why = None if not offline else ("local_files_only=True" if local_files_only else "HF_HUB_OFFLINE=1")
+        raise _download_error(
+            err, name, repo_type=repo_type, revision=revision, offline_because=why, cache_dir=cache_dir
         ) from err
-    except RevisionNotFoundError as err:
-        raise HubError(
+    _check_required(folder, require_files, _upper_first(_describe(name, repo_type, revision)))
+    return folder
+
+
+def _download_error(
+    err: Exception,
+    name: str,
+    *,
+    repo_type: str,
+    revision: str | None,
+    offline_because: str | None,
+    cache_dir: str | os.PathLike | None,
+) -> HubError:
+    """The `HubError` saying what went wrong with a snapshot download of `name`, and what to do about it."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = _describe(name, repo_type, revision)
+    # checked in this order because the Hub's error classes derive from one another
+    if isinstance(err, HFValidationError):
+        return HubError(f"'{name}' is neither an existing local folder nor a valid Hub repo id ('org/name'): {err}")
+    if isinstance(err, RevisionNotFoundError):
+        return HubError(
             f"Revision '{revision}' not found in {repo_type} repo '{name}' on {_endpoint()}. "
             "Use an existing branch, tag or full commit sha."
-        ) from err
-    except (RepositoryNotFoundError, GatedRepoError) as err:
-        raise HubError(
+        )
+    if isinstance(err, (RepositoryNotFoundError, GatedRepoError)):
+        return HubError(
             f"{repo_type.capitalize()} repo '{name}' not found on {_endpoint()} (or it is private and no valid token "
             f"was sent). Check the repo id and repo_type='{repo_type}', or pass token= for a private repo."
-        ) from err
-    except LocalEntryNotFoundError as err:
+        )
+    if isinstance(err, LocalEntryNotFoundError):
         # also covers IncompleteSnapshotError (a subclass in recent huggingface_hub)
-        if offline:
-            why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE=1"
-            raise HubError(
+        if offline_because:
+            return HubError(
                 f"{_upper_first(where)} is not in the local Hub cache ({cache_dir or _default_cache()}) "
-                f"and downloads are disabled ({why}). Run once online to download it, or unset HF_HUB_OFFLINE / "
-                f"pass local_files_only=False. ({err})"
-            ) from err
-        raise HubError(
+                f"and downloads are disabled ({offline_because}). Run once online to download it, or unset "
+                f"HF_HUB_OFFLINE / pass local_files_only=False. ({err})"
+            )
+        return HubError(
             f"Could not download {where} from {_endpoint()} and it is not fully cached: {err}. "
             "Check the network / HF_ENDPOINT, or run with HF_HUB_OFFLINE=1 once it is cached."
-        ) from err
-    except HfHubHTTPError as err:
+        )
+    if isinstance(err, HfHubHTTPError):
         status = err.response.status_code if err.response is not None else None
-        raise HubError(f"Hub error {status} while downloading {where}: {err}") from err
-    except OSError as err:
-        raise HubError(f"Could not download {where}: {err}") from err
-    _check_required(folder, require_files, _upper_first(where))
-    return folder
+        return HubError(f"Hub error {status} while downloading {where}: {err}")
+    return HubError(f"Could not download {where}: {err}")
 
 
 def _recorded_checksums(config: Any) -> dict[str, tuple[str, int | None]]:

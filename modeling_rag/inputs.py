@@ -29,6 +29,7 @@ __all__ = [
     "RagBatch",
     "check_n_docs",
     "check_questions",
+    "generation_inputs",
     "packer_for",
     "prepare_inputs",
     "retrieve",
@@ -269,6 +270,49 @@ def prepare_inputs(
         row_answers = answers
     batch.update(_tensorize(model, rows, row_answers, answers, for_generation))
     return RagBatch(batch, passage_lists)
+
+
+def generation_inputs(
+    model,
+    mode_name: str,
+    *,
+    questions,
+    input_ids,
+    passages,
+    doc_scores,
+    context_input_ids,
+    context_attention_mask,
+    n_docs,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[list[dict]] | None]:
+    """What `generate` decodes from: `(context_input_ids, context_attention_mask, doc_scores,
+    retrieved_doc_ids, passages)`, from text (`questions`, or question-encoder `input_ids` decoded back
+    to text) through `prepare_inputs`, or from pre-packed `context_input_ids` as given."""
+    if context_input_ids is not None:
+        if context_attention_mask is None:
+            context_attention_mask = (context_input_ids != model.tokenizer.generator.pad_token_id).long()
+        if doc_scores is not None:
+            doc_scores = torch.as_tensor(doc_scores, dtype=torch.float32, device=model.device)
+        return context_input_ids, context_attention_mask, doc_scores, None, None
+    if questions is None:
+        if input_ids is None:
+            raise RagInputError("generate needs questions (text), input_ids or context_input_ids.")
+        questions = model.tokenizer.question_encoder.batch_decode(input_ids, skip_special_tokens=True)
+    batch = prepare_inputs(
+        model,
+        questions,
+        passages=passages,
+        doc_scores=doc_scores,
+        n_docs=n_docs,
+        generation_mode=mode_name,
+        for_generation=True,
+    )
+    return (
+        batch["context_input_ids"],
+        batch["context_attention_mask"],
+        batch["doc_scores"],
+        batch["retrieved_doc_ids"],
+        batch.passages,
+    )
 
 
 def answer_ids(model, answer: str, with_eos: bool) -> list[int]:

@@ -6,23 +6,23 @@ retriever, tokenizer) and saves and loads them; the work of a call is done elsew
 - `inputs.py`: questions (and answers) to a batch of tensors, retrieving and packing passages;
 - `modes/`: the RAG mode of the call (`concat`, `rag_sequence`, `rag_token`), its loss and its generation;
 - `generators/`: how the generator is driven (decoder-only or encoder-decoder), with the speed
-  options of the call (`speedups/`).
+  options of the call (`speedups/`);
+- `answering.py`: `answer()`, from questions to `RagAnswer`s with sources and abstention;
+- `model_parts.py`: the checks made when a tokenizer or an index is attached, and `build_index`;
+- `model_io.py`: building from two checkpoints, the journaled save, loading a saved folder.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
-    AutoTokenizer,
     GenerationConfig,
     GenerationMixin,
     PreTrainedModel,
@@ -30,19 +30,23 @@ from transformers import (
 
 from . import inputs
 from .configuration_rag import RagConfig
-from .constants import CONFIG_NAME, GENERATOR_TOKENIZER_DIR, QUESTION_ENCODER_TOKENIZER_DIR
 from .context import ContextPacker
-from .encoders import encoder_forward, weights_fingerprint
-from .errors import IndexMismatchError, RagConfigError, RagInputError
+from .encoders import encoder_forward
+from .errors import RagConfigError, RagInputError
 from .generators import GeneratorRunner, runner_for
 from .library_output import quiet_library_output
-from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput, RagSource
+from .model_io import attach_saved_parts, build_from_checkpoints, open_saved_folder, save_model
+from .model_parts import (
+    build_model_index,
+    check_index_fits,
+    check_tokenizer_fits,
+    default_generation_config,
+    store_model_passage_tokens,
+)
+from .modeling_outputs import RagAnswer, RagGenerateOutput, RagOutput
 from .modes import MODES, RagMode, RagTokenState
-from .passage_tokens import tokenizer_fingerprint
-from .saved_model import check_saved_model, record_saved_parts
 from .speedups import RagSpeedOptions
 from .tokenization_rag import RagTokenizer
-from .utils.atomic import JOURNAL_NAME, commit_staged_folder, new_staging_folder, recover_interrupted_commit
 from .utils.similarity import per_question_scores
 
 logger = logging.getLogger(__name__)
@@ -120,7 +124,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         self._packer = None
         self._packer_key = None
         self.post_init()
-        self.generation_config = self._default_generation_config()
+        self.generation_config = default_generation_config(self)
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
         if retriever is not None:
@@ -129,17 +133,6 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
     # ---------------------------------------------------------------------------------------------
     # parts
     # ---------------------------------------------------------------------------------------------
-    def _default_generation_config(self) -> GenerationConfig:
-        gen_cfg = getattr(self.generator, "generation_config", None)
-        gen_cfg = GenerationConfig.from_dict(gen_cfg.to_dict()) if gen_cfg is not None else GenerationConfig()
-        g = self.config.generator
-        for name in ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id"):
-            if getattr(gen_cfg, name, None) is None and getattr(g, name, None) is not None:
-                setattr(gen_cfg, name, getattr(g, name))
-        gen_cfg.max_new_tokens = self.config.max_new_tokens
-        gen_cfg.max_length = None
-        return gen_cfg
-
     @property
     def passage_encoder(self) -> PreTrainedModel:
         """The encoder of passages: `context_encoder` when there is one, else the question encoder."""
@@ -151,44 +144,13 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
 
     def set_tokenizer(self, tokenizer: RagTokenizer) -> None:
         """Attaches the tokenizers; checks their vocabularies fit the models."""
-        if not isinstance(tokenizer, RagTokenizer):
-            raise RagInputError(f"tokenizer must be a RagTokenizer, got {type(tokenizer).__name__}.")
-        for name, tok, model in (
-            ("question_encoder", tokenizer.question_encoder, self.question_encoder),
-            ("generator", tokenizer.generator, self.generator),
-        ):
-            emb = model.get_input_embeddings()
-            if emb is not None and len(tok) > emb.num_embeddings:
-                raise RagInputError(
-                    f"The {name} tokenizer has {len(tok)} tokens but the {name} model's embedding has only "
-                    f"{emb.num_embeddings} rows: they do not belong together. Load the tokenizer saved with the "
-                    "model, or call resize_token_embeddings on the model."
-                )
+        check_tokenizer_fits(self, tokenizer)
         self.tokenizer = tokenizer
         self._packer = None
 
     def set_retriever(self, retriever, check_fingerprint: bool = True) -> None:
         """Attaches a [`RagRetriever`]; its index must match this model's passage encoder."""
-        index = retriever.index
-        expected = self.config.retrieval_vector_size
-        if index.dim != expected:
-            raise IndexMismatchError(
-                f"The index holds {index.dim}-dimensional vectors but the question encoder produces {expected}: "
-                "rebuild the index with this model's encoder (model.build_index(...))."
-            )
-        if index.metric != self.config.similarity:
-            raise IndexMismatchError(
-                f"The index uses metric {index.metric!r} but config.similarity is {self.config.similarity!r}; "
-                "set config.similarity to match, or rebuild the index."
-            )
-        if check_fingerprint and index.encoder_fingerprint:
-            fingerprint = weights_fingerprint(self.passage_encoder)
-            if fingerprint != index.encoder_fingerprint:
-                raise IndexMismatchError(
-                    "The index was built with a different passage encoder than this model's (weight fingerprints "
-                    "differ), so its vectors do not match the questions' vectors. Rebuild it with "
-                    "model.build_index(...), or pass check_fingerprint=False if you know they are compatible."
-                )
+        check_index_fits(self, retriever.index, check_fingerprint)
         self.retriever = retriever
 
     def build_index(self, corpus, **kwargs):
@@ -199,21 +161,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         `passage_tokens` (default True): store the passages' generator token ids with the index
         ([`store_passage_tokens`]).
         """
-        from .retrieval_rag import RagRetriever
-
-        if self.tokenizer is None:
-            raise RagInputError("build_index needs the model's tokenizer: call model.set_tokenizer(...) first.")
-        kwargs.setdefault("pooling", self.config.question_pooling)
-        kwargs.setdefault("normalize", self.config.normalize_embeddings)
-        kwargs.setdefault("metric", self.config.similarity)
-        kwargs.setdefault("retrieval", self.config.retrieval)
-        kwargs.setdefault("encoder_name", self.config.question_encoder._name_or_path or None)
-        store_tokens = kwargs.pop("passage_tokens", True)
-        retriever = RagRetriever.from_corpus(corpus, self.passage_encoder, self.tokenizer.question_encoder, **kwargs)
-        self.set_retriever(retriever, check_fingerprint=False)
-        if store_tokens:
-            self.store_passage_tokens(show_progress=kwargs.get("show_progress", True))
-        return retriever
+        return build_model_index(self, corpus, **kwargs)
 
     def store_passage_tokens(self, show_progress: bool = True) -> int:
         """Stores the generator token ids of the attached index's passages with it (those not stored yet).
@@ -223,15 +171,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         or for an index built without this model's generator tokenizer (e.g. by scripts/build_index.py).
         Returns how many passages were tokenised; 0 (with a log line) for a tokenizer that is not fast.
         """
-        if self.retriever is None:
-            raise RagInputError("This model has no index attached: build or attach one first.")
-        if self.tokenizer is None:
-            raise RagInputError("This model has no tokenizer: call model.set_tokenizer(RagTokenizer(...)) first.")
-        tokenizer = self.tokenizer.generator
-        if tokenizer_fingerprint(tokenizer) is None:
-            logger.info("Passage tokens are not stored: the generator tokenizer is not a fast tokenizer.")
-            return 0
-        return self.retriever.store_passage_tokens(tokenizer, show_progress=show_progress)
+        return store_model_passage_tokens(self, show_progress)
 
     def packer(self) -> ContextPacker:
         """The context packer for the current tokenizer and settings (built once, passages cached)."""
@@ -254,9 +194,6 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
     def tokenize_questions(self, questions: Sequence[str]) -> dict:
         """Question-encoder inputs, truncated to `config.question_max_length` (with a warning)."""
         return inputs.tokenize_questions(self, questions)
-
-    def _check_questions(self, questions) -> list[str]:
-        return inputs.check_questions(questions)
 
     @torch.no_grad()
     def retrieve(self, questions: Sequence[str] | str, n_docs: int | None = None):
@@ -418,27 +355,17 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         `config.speed_options` for this call.
         """
         mode = self.mode(generation_mode, speed_options)
-        passage_lists = retrieved_ids = None
-        if context_input_ids is None:
-            if questions is None:
-                if input_ids is None:
-                    raise RagInputError("generate needs questions (text), input_ids or context_input_ids.")
-                questions = self.tokenizer.question_encoder.batch_decode(input_ids, skip_special_tokens=True)
-            batch = self.prepare_inputs(
-                questions,
-                passages=passages,
-                doc_scores=doc_scores,
-                n_docs=n_docs,
-                generation_mode=mode.name,
-                for_generation=True,
-            )
-            context_input_ids, context_attention_mask = batch["context_input_ids"], batch["context_attention_mask"]
-            doc_scores, retrieved_ids, passage_lists = batch["doc_scores"], batch["retrieved_doc_ids"], batch.passages
-        else:
-            if context_attention_mask is None:
-                context_attention_mask = (context_input_ids != self.tokenizer.generator.pad_token_id).long()
-            if doc_scores is not None:
-                doc_scores = torch.as_tensor(doc_scores, dtype=torch.float32, device=self.device)
+        context_input_ids, context_attention_mask, doc_scores, retrieved_ids, passage_lists = inputs.generation_inputs(
+            self,
+            mode.name,
+            questions=questions,
+            input_ids=input_ids,
+            passages=passages,
+            doc_scores=doc_scores,
+            context_input_ids=context_input_ids,
+            context_attention_mask=context_attention_mask,
+            n_docs=n_docs,
+        )
         gen_kwargs = dict(kwargs)
         if generation_config is not None:
             gen_kwargs = {**generation_config.to_diff_dict(), **gen_kwargs}
@@ -495,60 +422,19 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         `TextIteratorStreamer(tokenizer.generator, skip_prompt=True)`) receives the answer's tokens as they
         are generated; it takes one question at a time.
         """
-        from .abstention import decline_before_generating, judge_answers, recorder_for
+        from .answering import answer_questions
 
-        questions = self._check_questions(questions)
-        if streamer is not None:
-            if len(questions) != 1:
-                raise RagInputError(f"A streamer follows one answer: pass one question, got {len(questions)}.")
-            declined = (
-                None
-                if passages is not None
-                else decline_before_generating(self, questions[0], n_docs, abstention_threshold)
-            )
-            if declined is not None:  # nothing the reader could guess reaches the stream
-                if hasattr(streamer, "on_finalized_text"):
-                    streamer.on_finalized_text(declined.answer, stream_end=True)
-                else:
-                    streamer.end()
-                return [declined]
-            generate_kwargs["streamer"] = streamer
-        recorder = recorder_for(self, generation_mode or self.config.generation_mode, generate_kwargs)
-        out = self.generate(
+        return answer_questions(
+            self,
             questions,
             passages=passages,
             doc_scores=doc_scores,
             n_docs=n_docs,
             generation_mode=generation_mode,
-            return_dict_in_generate=True,
-            **generate_kwargs,
+            abstention_threshold=abstention_threshold,
+            streamer=streamer,
+            generate_kwargs=generate_kwargs,
         )
-        per_q = out.sequences.shape[0] // len(questions)
-        texts = [t.strip() for t in self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
-        firsts = [texts[i * per_q] for i in range(len(questions))]
-        abstained, confidence, signals = judge_answers(
-            self, questions, firsts, out, recorder, per_q, abstention_threshold
-        )
-        signal_rows = signals.to_rows()
-        answers = []
-        for i, q in enumerate(questions):
-            sources = []
-            for rank, p in enumerate(out.passages[i]):
-                score = float(out.doc_scores[i, rank]) if out.doc_scores is not None else float("nan")
-                post = float(out.doc_posteriors[i, rank]) if out.doc_posteriors is not None else None
-                sources.append(RagSource.from_passage(p, rank + 1, score, post))
-            answers.append(
-                RagAnswer(
-                    question=q,
-                    answer=self.config.no_answer_text if abstained[i] else firsts[i],
-                    sources=sources,
-                    abstained=bool(abstained[i]),
-                    confidence=float(confidence[i]),
-                    reader_answer=firsts[i] if abstained[i] else None,
-                    signals=signal_rows[i],
-                )
-            )
-        return answers
 
     # ---------------------------------------------------------------------------------------------
     # construction, saving, loading
@@ -573,40 +459,16 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         applies the reader the package ships for the default generator (SmolLM2-135M-Instruct), when the
         generator is that one; ``None`` keeps the generator untuned.
         """
-        qe = AutoModel.from_pretrained(question_encoder_name_or_path, dtype=dtype)
-        gen_config = AutoConfig.from_pretrained(generator_name_or_path)
-        auto = AutoModelForSeq2SeqLM if getattr(gen_config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        try:
-            gen = auto.from_pretrained(generator_name_or_path, dtype=dtype)
-        except ValueError as err:
-            raise RagConfigError(
-                f"generator: {generator_name_or_path} has no language-model head usable by {auto.__name__}."
-            ) from err
-        ce = (
-            AutoModel.from_pretrained(context_encoder_name_or_path, dtype=dtype)
-            if context_encoder_name_or_path
-            else None
+        return build_from_checkpoints(
+            cls,
+            question_encoder_name_or_path,
+            generator_name_or_path,
+            context_encoder_name_or_path,
+            retriever=retriever,
+            dtype=dtype,
+            reader_adapter=reader_adapter,
+            config_kwargs=config_kwargs,
         )
-        config = RagConfig.from_question_encoder_generator_configs(
-            qe.config, gen.config, ce.config if ce is not None else None, **config_kwargs
-        )
-        config.question_encoder._name_or_path = str(question_encoder_name_or_path)
-        config.generator._name_or_path = str(generator_name_or_path)
-        tokenizer = RagTokenizer(
-            AutoTokenizer.from_pretrained(question_encoder_name_or_path),
-            AutoTokenizer.from_pretrained(generator_name_or_path),
-        )
-        model = cls(config, question_encoder=qe, generator=gen, context_encoder=ce, tokenizer=tokenizer)
-        reader = _reader_folder(reader_adapter, generator_name_or_path)
-        if reader is not None:
-            from .readers import apply_reader
-
-            apply_reader(model, reader)
-            model.config.update(config_kwargs)  # the caller's settings win over the reader's
-            model.config.validate_rag()
-        if retriever is not None:
-            model.set_retriever(retriever)
-        return model
 
     @quiet_library_output()
     def save_pretrained(self, save_directory: str | os.PathLike, *, save_index: bool = True, **kwargs):
@@ -618,23 +480,12 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         """
         if kwargs.pop("safe_serialization", True) is False:
             raise RagInputError("RagForGeneration saves weights only as safetensors (no pickle).")
-        save_directory = os.fspath(save_directory)
-        if os.path.isfile(save_directory):
-            raise RagInputError(f"save_pretrained needs a folder, but {save_directory} is a file.")
-        staging = new_staging_folder(save_directory)
-        saves_index = save_index and self.retriever is not None and self.config.index_repo_id is None
-        record_saved_parts(self.config, tokenizer=self.tokenizer is not None, index=saves_index)
-        try:
-            super().save_pretrained(staging, **kwargs)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(staging)
-            if saves_index:
-                self.retriever.save(os.path.join(staging, self.config.index_path))
-            if self.reranker is not None:
-                self.reranker.save(os.path.join(staging, self.config.reranker))
-            commit_staged_folder(staging, save_directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        save_model(
+            self,
+            save_directory,
+            save_index=save_index,
+            save_weights=lambda staging: super(RagForGeneration, self).save_pretrained(staging, **kwargs),
+        )
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """Publishes the whole model (weights, tokenizers, index, model card) in one commit; returns its URL."""
@@ -659,85 +510,31 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
     ) -> RagForGeneration:
         """Loads a saved model from a local folder or a Hub repo (pinned with `revision`), with its
         tokenizers and index. `load_index=False` skips the index; `mmap_index=True` memory-maps it."""
-        from .hub_utils import resolve_model_folder
-
         if kwargs.pop("trust_remote_code", False):
             raise RagConfigError(
                 "RagForGeneration never runs code from a model repo, so trust_remote_code is refused. "
                 "Everything a RAG model needs loads from config, safetensors and data files."
             )
-        folder = resolve_model_folder(
-            os.fspath(pretrained_model_name_or_path),
+        folder = open_saved_folder(
+            pretrained_model_name_or_path,
             revision=revision,
             cache_dir=cache_dir,
             token=token,
             local_files_only=local_files_only,
+            load_index=load_index,
         )
-        if os.path.exists(os.path.join(folder, JOURNAL_NAME)):
-            # a save_pretrained was killed half-way: put the previous files back first
-            recover_interrupted_commit(folder)
-        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
-            raise OSError(f"{pretrained_model_name_or_path} has no {CONFIG_NAME}; it is not a saved RAG model.")
-        check_saved_model(folder, load_index=load_index)  # a broken folder is refused now, not at the first question
         model = super().from_pretrained(folder, *model_args, **kwargs)
-        if os.path.isdir(os.path.join(folder, QUESTION_ENCODER_TOKENIZER_DIR)) and os.path.isdir(
-            os.path.join(folder, GENERATOR_TOKENIZER_DIR)
-        ):
-            model.set_tokenizer(RagTokenizer.from_pretrained(folder))
-        if model.config.reranker is not None:
-            from .reranker import load_model_reranker
-
-            load_model_reranker(model, folder)
-        if load_index:
-            model._load_index(
-                folder,
-                cache_dir=cache_dir,
-                token=token,
-                local_files_only=local_files_only,
-                mmap=mmap_index,
-                verify=verify_index,
-            )
-        return model
-
-    def _load_index(self, folder, *, cache_dir, token, local_files_only, mmap, verify):
-        from .hub_utils import resolve_model_folder
-
-        c = self.config
-        if c.index_repo_id:
-            index_folder = resolve_model_folder(
-                c.index_repo_id,
-                revision=c.index_revision,
-                cache_dir=cache_dir,
-                token=token,
-                local_files_only=local_files_only,
-                repo_type=c.index_repo_type,
-            )
-        else:
-            index_folder = os.path.join(folder, c.index_path)
-            if not os.path.isdir(index_folder):
-                return
-        from .retrieval_rag import RagRetriever
-
-        retriever = RagRetriever.load(
-            index_folder,
-            mmap=mmap,
-            verify_checksums=verify,
-            expected_dim=c.retrieval_vector_size,
-            expected_fingerprint=weights_fingerprint(self.passage_encoder) if verify else None,
+        attach_saved_parts(
+            model,
+            folder,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            load_index=load_index,
+            mmap_index=mmap_index,
+            verify_index=verify_index,
         )
-        self.set_retriever(retriever, check_fingerprint=False)
-
-
-def _reader_folder(reader_adapter, generator_name_or_path) -> str | None:
-    """The reader folder `from_pretrained_question_encoder_generator` applies (``None``: none)."""
-    if reader_adapter is None:
-        return None
-    if reader_adapter == "auto":
-        from .assets import DEFAULT_GENERATOR, is_default_generator
-        from .readers import shipped_reader_path
-
-        return shipped_reader_path(DEFAULT_GENERATOR) if is_default_generator(generator_name_or_path) else None
-    return os.fspath(reader_adapter)
+        return model
 
 
 AutoModel.register(RagConfig, RagForGeneration, exist_ok=True)

@@ -12,7 +12,7 @@ next while cosines do not. The default weight was chosen on training questions (
 Whatever the retrieval, the exact stored dense vectors of the chosen rows come back too, so a model
 can recompute differentiable document scores.
 
-A saved retriever is an index folder (see `index_faiss.py`) whose ``index_config.json`` also
+A saved retriever is an index folder (see `index/__init__.py`) whose ``index_config.json`` also
 holds a ``"retriever"`` entry (retrieval settings) and an ``"encoding"`` entry (pooling,
 normalisation), plus a ``bm25/`` subfolder when a BM25 index is kept and a ``passage_tokens/``
 subfolder when the passages' generator token ids are stored (`passage_tokens.py`).
@@ -34,8 +34,8 @@ from .constants import BM25_DIR, PASSAGE_TOKENS_DIR
 from .corpus import chunk_documents, chunking_config, passage_text, read_corpus
 from .encoders import POOLING_METHODS, encode_texts, encode_texts_resumable, weights_fingerprint
 from .errors import IndexIntegrityError, IndexMismatchError, RagConfigError, RagInputError
-from .index_bm25 import BM25Index
-from .index_faiss import PassageIndex
+from .index.bm25 import BM25Index
+from .index.passage_index import PassageIndex
 from .passage_tokens import PassageTokens
 
 RETRIEVAL_MODES = ("dense", "bm25", "hybrid")
@@ -410,27 +410,9 @@ class RagRetriever:
             "desc": "Encoding passages",
         }
         fingerprint = weights_fingerprint(encoder)
-        if work_dir is not None:
-            if accelerator is not None:
-                encoder = encoder.to(accelerator.device)
-            embeddings = encode_texts_resumable(
-                texts,
-                encoder,
-                tokenizer,
-                work_dir,
-                shard_size=shard_size,
-                rank=0 if accelerator is None else accelerator.process_index,
-                world_size=1 if accelerator is None else accelerator.num_processes,
-                barrier=None if accelerator is None else accelerator.wait_for_everyone,
-                fingerprint=fingerprint,
-                **encode_kwargs,
-            )
-        elif accelerator is not None and accelerator.num_processes > 1:
-            embeddings = _encode_sharded(texts, encoder, tokenizer, accelerator, encode_kwargs)
-        else:
-            if accelerator is not None:
-                encoder = encoder.to(accelerator.device)
-            embeddings = encode_texts(texts, encoder, tokenizer, **encode_kwargs)
+        embeddings = _encode_corpus(
+            texts, encoder, tokenizer, encode_kwargs, accelerator, work_dir, shard_size, fingerprint
+        )
         if encoder_name is None:
             encoder_name = getattr(getattr(encoder, "config", None), "_name_or_path", None) or None
         index = PassageIndex.build(
@@ -446,6 +428,40 @@ class RagRetriever:
         index.set_extra_config("encoding", {"pooling": pooling, "normalize": normalize, "max_length": max_length})
         bm25_index = BM25Index.build(index.get_passages(index.row_ids), show_progress=progress) if bm25 else None
         return cls(index, bm25_index, retrieval=retrieval, **retriever_kwargs)
+
+
+def _encode_corpus(
+    texts: list[str],
+    encoder: torch.nn.Module,
+    tokenizer: Any,
+    encode_kwargs: dict,
+    accelerator: Any,
+    work_dir: str | None,
+    shard_size: int,
+    fingerprint: str,
+) -> np.ndarray:
+    """The passage vectors of `texts`: in resumable shards under `work_dir`, split over the processes of
+    `accelerator`, or in one go (see `RagRetriever.from_corpus`)."""
+    if work_dir is not None:
+        if accelerator is not None:
+            encoder = encoder.to(accelerator.device)
+        return encode_texts_resumable(
+            texts,
+            encoder,
+            tokenizer,
+            work_dir,
+            shard_size=shard_size,
+            rank=0 if accelerator is None else accelerator.process_index,
+            world_size=1 if accelerator is None else accelerator.num_processes,
+            barrier=None if accelerator is None else accelerator.wait_for_everyone,
+            fingerprint=fingerprint,
+            **encode_kwargs,
+        )
+    if accelerator is not None and accelerator.num_processes > 1:
+        return _encode_sharded(texts, encoder, tokenizer, accelerator, encode_kwargs)
+    if accelerator is not None:
+        encoder = encoder.to(accelerator.device)
+    return encode_texts(texts, encoder, tokenizer, **encode_kwargs)
 
 
 def _encode_sharded(

@@ -40,7 +40,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from modeling_rag.index_faiss import PassageIndex
+from modeling_rag.index import PassageIndex
 from modeling_rag.utils.atomic import atomic_write_text
 
 SWEEPS = {
@@ -229,7 +229,7 @@ def rss_bytes() -> dict[str, int]:
 
 def measure_load(folder: str, queries_path: str, truth_path: str, k: int) -> dict:
     """Runs in a fresh process: load (mmap), RSS, latency and recall; returns the numbers."""
-    from modeling_rag.index_faiss import PassageIndex
+    from modeling_rag.index import PassageIndex
 
     before = rss_bytes()
     t0 = time.perf_counter()
@@ -297,7 +297,7 @@ def zipf_texts(n_pool: int, vocab: int, seed: int) -> list[str]:
 
 def measure_bm25(n: int, folder: str) -> dict:
     """Runs in a fresh process: build BM25 over `n` passages, save, load memory-mapped, search."""
-    from modeling_rag.index_bm25 import BM25Index
+    from modeling_rag.index import BM25Index
 
     pool = zipf_texts(20_000, 200_000, seed=3)
     passages = [{"title": "", "text": pool[i % len(pool)] + f" doc{i}", "row_id": i} for i in range(n)]
@@ -359,7 +359,7 @@ def bm25_main(args: argparse.Namespace) -> None:
 
 
 def scale_main(args: argparse.Namespace) -> None:
-    from modeling_rag.index_faiss import PassageIndex
+    from modeling_rag.index import PassageIndex
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

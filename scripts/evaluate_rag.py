@@ -43,9 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import re
 import time
 from collections.abc import Sequence
@@ -53,14 +51,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-import modeling_rag
-from modeling_rag import DataFormatError, RagError, RagForGeneration, RagInputError, load_metric, load_qa_examples
+from modeling_rag import DataFormatError, RagError, RagForGeneration, RagInputError, load_qa_examples
 from modeling_rag.constants import (
     EVAL_RESULTS_NAME,
     PREDICTIONS_NAME,
@@ -68,10 +64,20 @@ from modeling_rag.constants import (
     RESULTS_NAME,
     RISK_COVERAGE_PLOT_NAME,
 )
+from modeling_rag.evaluation import (
+    compute_metrics,
+    eval_result_entries,
+    machine_info,
+    plot_recall,
+    plot_risk_coverage,
+    summary_text,
+    timing_summary,
+    update_model_card,
+    write_json,
+    write_predictions,
+)
 from modeling_rag.library_output import configure_script_output
-from modeling_rag.metrics import answer_in_text
-from modeling_rag.utils.atomic import atomic_open, atomic_write_text
-from modeling_rag.utils.chunk_ids import document_id, is_part_of
+from modeling_rag.utils.chunk_ids import document_id
 
 RETRIEVERS = ("dense", "bm25", "hybrid")
 GENERATION_MODES = ("concat", "rag_sequence", "rag_token")
@@ -109,7 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate a saved RAG model: retrieval top-k accuracy, EM/F1 and latency.",
     )
-    model = parser.add_argument_group("model and index")
+    _add_model_args(parser.add_argument_group("model and index"))
+    _add_question_args(parser.add_argument_group("questions"))
+    _add_run_args(parser.add_argument_group("evaluation"))
+    return parser
+
+
+def _add_model_args(model) -> None:
+    """The model, its index and how passages are retrieved."""
     model.add_argument("--model", required=True, help="A saved RagForGeneration: a local folder or a Hub repo id.")
     model.add_argument(
         "--revision", default=None, help="Branch, tag or commit of the Hub repo (ignored for a local folder)."
@@ -167,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default: config.n_candidates.",
     )
 
-    data = parser.add_argument_group("questions")
+
+def _add_question_args(data) -> None:
+    """Where the questions come from and which of them are used."""
     source = data.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--questions",
@@ -202,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Treat a question without gold answers as an error (by default it is only skipped by EM/F1).",
     )
 
-    run = parser.add_argument_group("evaluation")
+
+def _add_run_args(run) -> None:
+    """How the evaluation runs (generation, batching, processes) and what it writes."""
     run.add_argument(
         "--output-dir",
         default="eval_results",
@@ -261,78 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"For a local --model folder: merge the scores into its {EVAL_RESULTS_NAME} and regenerate its "
         "model card (README.md) with them.",
     )
-    return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses ``argv`` (default: ``sys.argv[1:]``)."""
     return build_parser().parse_args(argv)
-
-
-# --------------------------------------------------------------------------------------------------
-# small helpers
-# --------------------------------------------------------------------------------------------------
-def write_json(path: str, data: Any) -> None:
-    """Writes ``data`` as indented JSON, atomically."""
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def gold_rank(retrieved_ids: Sequence[str], gold_ids: Sequence[str]) -> int | None:
-    """1-based rank of the first retrieved passage that is a gold passage (or a chunk of one), else None."""
-    for rank, pid in enumerate(retrieved_ids, start=1):
-        if match_gold(pid, gold_ids) in gold_ids:
-            return rank
-    return None
-
-
-def match_gold(passage_id: str, gold_ids: Sequence[str]) -> str:
-    """The gold id that ``passage_id`` is (exactly, or as a chunk ``gold#n``), else ``passage_id`` itself."""
-    for gold in gold_ids:
-        if is_part_of(passage_id, gold):
-            return gold
-    return passage_id
-
-
-def answer_rank(texts: Sequence[str], answers: Sequence[str]) -> int | None:
-    """1-based rank of the first passage text that contains a gold answer (DPR-style), else None."""
-    if not answers:
-        return None
-    for rank, text in enumerate(texts, start=1):
-        if answer_in_text(answers, text):
-            return rank
-    return None
-
-
-def percentiles(values: Sequence[float]) -> dict[str, float | None]:
-    """p50 / p95 / mean of ``values`` (None when empty)."""
-    if not values:
-        return {"p50": None, "p95": None, "mean": None}
-    arr = np.asarray(values, dtype=np.float64)
-    return {
-        "p50": float(np.percentile(arr, 50)),
-        "p95": float(np.percentile(arr, 95)),
-        "mean": float(arr.mean()),
-    }
-
-
-def machine_info(accelerator: Accelerator) -> dict[str, Any]:
-    """Where the numbers were measured."""
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "modeling_rag": modeling_rag.__version__,
-        "device": str(accelerator.device),
-        "num_processes": accelerator.num_processes,
-        "distributed_type": str(accelerator.distributed_type),
-    }
-    if accelerator.device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(accelerator.device)
-    return info
 
 
 # --------------------------------------------------------------------------------------------------
@@ -603,289 +553,6 @@ def run_evaluation(model, examples, args, accelerator: Accelerator, depth: int) 
     return records, wall
 
 
-def compute_metrics(records: list[dict], args: argparse.Namespace) -> dict[str, Any]:
-    """Answer metrics (``rag_answers``) and retrieval metrics (``rag_retrieval``); fills per-row EM/F1 and ranks."""
-    for r in records:
-        r["gold_rank"] = gold_rank(r["retrieved_ids"], r["gold_passage_ids"])
-        r["answer_rank"] = answer_rank(r["retrieved_texts"], r["gold_answers"])
-        r["exact_match"] = r["f1"] = None
-
-    retrieval = load_metric("rag_retrieval", k_values=args.k_values, keep_in_memory=True).compute(
-        predictions=[[match_gold(pid, r["gold_passage_ids"]) for pid in r["retrieved_ids"]] for r in records],
-        references=[r["gold_passage_ids"] for r in records],
-        retrieved_texts=[r["retrieved_texts"] for r in records],
-        answers=[r["gold_answers"] for r in records],
-    )
-    metrics: dict[str, Any] = {"retrieval": retrieval}
-    if not args.retriever_only:
-        scored = [r for r in records if r["gold_answers"]]
-        answers: dict[str, Any] = {"num_scored": len(scored), "num_skipped_without_answers": len(records) - len(scored)}
-        if scored:
-            answer_metric = load_metric("rag_answers", keep_in_memory=True)
-            result = answer_metric.compute(
-                predictions=[r["answer"] for r in scored],
-                references=[r["gold_answers"] for r in scored],
-                return_per_example=True,
-            )
-            # an abstention answers nothing: it scores 0, whatever words the no-answer response shares
-            for r, em, f1 in zip(scored, result["exact_match_per_example"], result["f1_per_example"]):
-                r["exact_match"], r["f1"] = (0.0, 0.0) if r["abstained"] else (em, f1)
-            reader = answer_metric.compute(
-                predictions=[r["reader_answer"] for r in scored],
-                references=[r["gold_answers"] for r in scored],
-                return_per_example=True,
-            )
-            for r, f1 in zip(scored, reader["f1_per_example"]):
-                r["reader_f1"] = f1
-            answered = [r for r in scored if not r["abstained"]]
-            answers.update(
-                exact_match=float(np.mean([r["exact_match"] for r in scored])),
-                f1=float(np.mean([r["f1"] for r in scored])),
-                wrongly_abstained=float(np.mean([bool(r["abstained"]) for r in scored])),
-                num_answered=len(answered),
-                answered_exact_match=float(np.mean([r["exact_match"] for r in answered])) if answered else None,
-                answered_f1=float(np.mean([r["f1"] for r in answered])) if answered else None,
-            )
-        metrics["answers"] = answers
-        unanswerable = [r for r in records if r["unanswerable"]]
-        if unanswerable:
-            metrics["abstention"] = {
-                "num_unanswerable": len(unanswerable),
-                "unanswerable_abstained": float(np.mean([bool(r["abstained"]) for r in unanswerable])),
-                "num_answerable": len(scored),
-                "answerable_abstained": answers.get("wrongly_abstained"),
-            }
-        metrics["risk_coverage"] = risk_coverage(scored + unanswerable)
-    return metrics
-
-
-def risk_coverage(records: list[dict]) -> dict[str, Any]:
-    """Accuracy against coverage when answering only the most confident questions first.
-
-    A question's utility is the F1 (0-1) of the reader's own answer when it has gold answers, and 0 for an
-    unanswerable question (answering it is wrong); abstaining has no utility and no risk. Returns the curve
-    (coverage, accuracy of the answered) and its area (higher is better).
-    """
-    if not records:
-        return {"coverage": [], "accuracy": [], "area": None}
-    order = sorted(records, key=lambda r: -(r["confidence"] if r["confidence"] is not None else 0.0))
-    utility = np.array([(r.get("reader_f1") or 0.0) / 100.0 if not r["unanswerable"] else 0.0 for r in order])
-    answered = np.arange(1, len(order) + 1)
-    accuracy = np.cumsum(utility) / answered
-    coverage = answered / len(order)
-    return {
-        "coverage": [round(float(c), 4) for c in coverage],
-        "accuracy": [round(float(a), 4) for a in accuracy],
-        "area": float(np.mean(accuracy)),
-        "how": "questions sorted by confidence; accuracy = mean F1 (0-1) of the answered, unanswerable answered = 0",
-    }
-
-
-def timing_summary(records: list[dict], wall_seconds: float, args: argparse.Namespace) -> dict[str, Any]:
-    """Per-question latency p50/p95 (retrieval, generation, both) and throughput."""
-    retrieval = [r["retrieval_seconds"] for r in records]
-    generation = [r["generation_seconds"] for r in records if r["generation_seconds"] is not None]
-    total = [r["retrieval_seconds"] + (r["generation_seconds"] or 0.0) for r in records]
-    return {
-        "latency_batch_size": args.latency_batch_size or args.batch_size,
-        "how": "seconds per question = time of a (sub-)batch / its size, measured in each process after one "
-        "untimed warm-up question",
-        "retrieval_seconds": percentiles(retrieval),
-        "generation_seconds": percentiles(generation),
-        "total_seconds": percentiles(total),
-        "wall_seconds": wall_seconds,
-        "questions_per_second": len(records) / wall_seconds if wall_seconds > 0 else None,
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# outputs
-# --------------------------------------------------------------------------------------------------
-def prediction_rows(records: list[dict]) -> list[dict]:
-    """The rows of predictions.jsonl (records without the passage texts)."""
-    keys = (
-        "id",
-        "question",
-        "answer",
-        "abstained",
-        "confidence",
-        "reader_answer",
-        "signals",
-        "unanswerable",
-        "gold_answers",
-        "gold_passage_ids",
-        "retrieved_ids",
-        "retrieved_scores",
-        "gold_rank",
-        "answer_rank",
-        "exact_match",
-        "f1",
-        "retrieval_seconds",
-        "generation_seconds",
-    )
-    return [{k: r[k] for k in keys} for r in records]
-
-
-def write_predictions(path: str, records: list[dict]) -> None:
-    """predictions.jsonl, one JSON object per question, atomically."""
-
-    def write(f):
-        for row in prediction_rows(records):
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-    with atomic_open(path) as f:
-        write(f)
-
-
-def plot_recall(path: str, retrieval: dict[str, Any], k_values: list[int], title: str) -> None:
-    """recall_at_k.png: top-k accuracy (gold passage, answer in passage) and recall@k against k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
-
-    lines = (
-        ("top_{k}_accuracy", "gold passage in top k", "-", "o"),
-        ("answer_top_{k}_accuracy", "answer in a top-k passage (DPR)", "-", "s"),
-        ("recall_at_{k}", "recall@k (share of gold passages)", "--", "x"),
-    )
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for key, label, style, marker in lines:
-        values = [retrieval.get(key.format(k=k)) for k in k_values]
-        if all(v is not None for v in values):
-            ax.plot(k_values, values, linestyle=style, marker=marker, label=label)
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticks(k_values)
-    ax.set_xticklabels([str(k) for k in k_values])
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("k (passages retrieved)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    try:
-        with atomic_open(path, binary=True) as f:
-            fig.savefig(f, format="png")
-    finally:
-        plt.close(fig)
-
-
-def plot_risk_coverage(path: str, curve: dict[str, Any], title: str) -> None:
-    """risk_coverage.png: accuracy of the answered questions against the share answered (by confidence)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(curve["coverage"], curve["accuracy"], "-")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("coverage (share of questions answered, most confident first)")
-    ax.set_ylabel("accuracy of the answered (F1)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    try:
-        with atomic_open(path, binary=True) as f:
-            fig.savefig(f, format="png")
-    finally:
-        plt.close(fig)
-
-
-def eval_result_entries(metrics: dict, dataset_name: str, split: str, k_values: list[int]) -> list[dict]:
-    """Model-card eval results (``model-index`` entries) for the main scores."""
-    base = {"task_type": "question-answering", "dataset_name": dataset_name, "dataset_type": dataset_name}
-    base["dataset_split"] = split
-    entries = []
-    answers = metrics.get("answers") or {}
-    for key, name in (
-        ("exact_match", "Exact match"),
-        ("f1", "F1"),
-        ("answered_f1", "F1 over answered questions"),
-    ):
-        if answers.get(key) is not None:
-            entries.append({**base, "metric_type": key, "metric_name": name, "metric_value": round(answers[key], 2)})
-    abstention = metrics.get("abstention") or {}
-    for key, name in (
-        ("unanswerable_abstained", "Unanswerable questions abstained (%)"),
-        ("answerable_abstained", "Answerable questions abstained (%)"),
-    ):
-        if abstention.get(key) is not None:
-            value = round(100 * abstention[key], 2)
-            entries.append({**base, "metric_type": key, "metric_name": name, "metric_value": value})
-    retrieval = metrics["retrieval"]
-    for k in k_values:
-        key = f"top_{k}_accuracy"
-        if retrieval.get(key) is not None:
-            value = round(100 * retrieval[key], 2)
-            entries.append(
-                {**base, "metric_type": key, "metric_name": f"Top-{k} retrieval accuracy", "metric_value": value}
-            )
-    if retrieval.get("mrr") is not None:
-        entries.append({**base, "metric_type": "mrr", "metric_name": "MRR", "metric_value": round(retrieval["mrr"], 4)})
-    return entries
-
-
-def update_model_card(folder: str, entries: list[dict]) -> str:
-    """Merges ``entries`` into ``folder/eval_results.json`` (same dataset, split and metric replaced) and
-    regenerates the model card; returns the card's path."""
-    from modeling_rag.model_card import card_data_from_model_folder, write_model_card
-
-    path = os.path.join(folder, EVAL_RESULTS_NAME)
-    existing: list[dict] = []
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                stored = json.load(f)
-        except (OSError, ValueError) as err:
-            raise DataFormatError(f"{path} is not valid JSON ({err}); fix or delete it.") from err
-        if isinstance(stored, dict):
-            stored = stored.get("eval_results") or stored.get("results") or []
-        existing = [r for r in stored if isinstance(r, dict)] if isinstance(stored, list) else []
-
-    def key(r: dict) -> tuple:
-        return (r.get("dataset_name"), r.get("dataset_split"), r.get("metric_type"))
-
-    new_keys = {key(r) for r in entries}
-    merged = [r for r in existing if key(r) not in new_keys] + entries
-    write_json(path, {"eval_results": merged})
-    return write_model_card(folder, card_data_from_model_folder(folder))
-
-
-def print_summary(accelerator: Accelerator, results: dict) -> None:
-    """A short table of the main numbers."""
-    m = results["metrics"]
-    lines = [f"Evaluated {results['questions']['count']} questions ({results['settings']['retriever']} retrieval)"]
-    for key, value in m["retrieval"].items():
-        if isinstance(value, float):
-            lines.append(f"  {key:28s} {value:.4f}")
-    for key in (
-        "exact_match",
-        "f1",
-        "answered_exact_match",
-        "answered_f1",
-        "wrongly_abstained",
-        "num_scored",
-        "num_skipped_without_answers",
-    ):
-        if key in m.get("answers", {}):
-            value = m["answers"][key]
-            lines.append(f"  {key:28s} {value:.2f}" if isinstance(value, float) else f"  {key:28s} {value}")
-    for key, value in (m.get("abstention") or {}).items():
-        lines.append(f"  {key:28s} {value:.3f}" if isinstance(value, float) else f"  {key:28s} {value}")
-    t = results["timing"]
-    for part in ("retrieval_seconds", "generation_seconds", "total_seconds"):
-        p = t[part]
-        if p["p50"] is not None:
-            lines.append(f"  latency {part:20s} p50 {1000 * p['p50']:.1f} ms  p95 {1000 * p['p95']:.1f} ms")
-    accelerator.print("\n".join(lines))
-
-
 # --------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------
@@ -905,19 +572,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     model.eval()
     retriever_mode, index_facts = prepare_retriever(model, args, accelerator)
     unknown_gold = check_gold_ids(examples, model, accelerator)
-
-    if args.max_new_tokens is not None:
-        model.config.max_new_tokens = args.max_new_tokens  # packing keeps room for the answer
-    args.n_docs = args.n_docs or model.config.n_docs
-    args.generation_mode = args.generation_mode or model.config.generation_mode
-    args.max_new_tokens = args.max_new_tokens or model.config.max_new_tokens
-    depth = max(max(args.k_values), args.n_docs)
-    if model.reranker is not None and model.config.n_candidates < depth:
-        raise RagInputError(
-            f"The reranker orders n_candidates={model.config.n_candidates} passages per question, fewer than the "
-            f"{depth} the metrics need (max of --k-values and --n-docs); pass --n-candidates {depth} or smaller "
-            "--k-values."
-        )
+    depth = settle_generation_settings(model, args)
 
     accelerator.print(
         f"Evaluating {len(examples)} questions on {accelerator.num_processes} process(es), {retriever_mode} "
@@ -931,7 +586,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
         accelerator.wait_for_everyone()
         return None
 
-    metrics = compute_metrics(records, args)
+    metrics = compute_metrics(records, k_values=args.k_values, retriever_only=args.retriever_only)
     settings = {k: v for k, v in vars(args).items()}
     settings.update(retriever=retriever_mode, retrieved_per_question=depth)
     results = {
@@ -948,37 +603,60 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
         "index": index_facts,
         "settings": settings,
         "metrics": metrics,
-        "timing": timing_summary(records, wall, args),
+        "timing": timing_summary(records, wall, args.latency_batch_size or args.batch_size),
         "machine": machine_info(accelerator),
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    out = args.output_dir
+    write_outputs(results, records, args, accelerator, f"{dataset_name} ({split})")
+    accelerator.wait_for_everyone()
+    return results
+
+
+def settle_generation_settings(model: RagForGeneration, args: argparse.Namespace) -> int:
+    """Fills the generation settings left to the model's config into `args`; returns how many passages each
+    question retrieves (the max of --k-values and --n-docs), checked against the reranker's candidates."""
+    if args.max_new_tokens is not None:
+        model.config.max_new_tokens = args.max_new_tokens  # packing keeps room for the answer
+    args.n_docs = args.n_docs or model.config.n_docs
+    args.generation_mode = args.generation_mode or model.config.generation_mode
+    args.max_new_tokens = args.max_new_tokens or model.config.max_new_tokens
+    depth = max(max(args.k_values), args.n_docs)
+    if model.reranker is not None and model.config.n_candidates < depth:
+        raise RagInputError(
+            f"The reranker orders n_candidates={model.config.n_candidates} passages per question, fewer than the "
+            f"{depth} the metrics need (max of --k-values and --n-docs); pass --n-candidates {depth} or smaller "
+            "--k-values."
+        )
+    return depth
+
+
+def write_outputs(
+    results: dict[str, Any], records: list[dict], args: argparse.Namespace, accelerator: Accelerator, where: str
+) -> None:
+    """Writes predictions.jsonl, the plots, the model card (with --update-model-card) and results.json into
+    --output-dir, then prints the summary. `where` names the data set and split in the plots' titles."""
+    out, metrics, retriever_mode = args.output_dir, results["metrics"], results["settings"]["retriever"]
     os.makedirs(out, exist_ok=True)
     write_predictions(os.path.join(out, PREDICTIONS_NAME), records)
     plot_recall(
-        os.path.join(out, RECALL_PLOT_NAME),
-        metrics["retrieval"],
-        args.k_values,
-        f"{dataset_name} ({split}), {retriever_mode} retrieval",
+        os.path.join(out, RECALL_PLOT_NAME), metrics["retrieval"], args.k_values, f"{where}, {retriever_mode} retrieval"
     )
     if "risk_coverage" in metrics and metrics["risk_coverage"]["coverage"]:
         plot_risk_coverage(
-            os.path.join(out, RISK_COVERAGE_PLOT_NAME),
-            metrics["risk_coverage"],
-            f"{dataset_name} ({split}): answer only when confident",
+            os.path.join(out, RISK_COVERAGE_PLOT_NAME), metrics["risk_coverage"], f"{where}: answer only when confident"
         )
     if args.update_model_card:
+        model_info = results["model"]
         if model_info["local"]:
-            entries = eval_result_entries(metrics, dataset_name, split, args.k_values)
+            q = results["questions"]
+            entries = eval_result_entries(metrics, q["dataset_name"], q["split"], args.k_values)
             results["model_card"] = update_model_card(model_info["folder"], entries)
             accelerator.print(f"Updated {results['model_card']} and {EVAL_RESULTS_NAME}.")
         else:
             accelerator.print("--update-model-card: skipped, the model is not a local folder.")
     write_json(os.path.join(out, RESULTS_NAME), results)
-    print_summary(accelerator, results)
+    accelerator.print(summary_text(results))
     accelerator.print(f"Wrote {RESULTS_NAME}, {PREDICTIONS_NAME} and {RECALL_PLOT_NAME} to {out}")
-    accelerator.wait_for_everyone()
-    return results
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ import time
 
 from modeling_rag.constants import INDEX_FORMAT_VERSION
 from modeling_rag.errors import RagError
-from modeling_rag.index_faiss import PassageIndex
+from modeling_rag.index import PassageIndex
 from modeling_rag.retrieval_rag import RagRetriever
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from modeling_rag.index_faiss import PassageIndex
+from modeling_rag.index import PassageIndex
 from modeling_rag.retrieval_rag import RagRetriever
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import TINY_PASSAGES, make_tiny_rag
 
+from modeling_rag.evaluation import answer_rank, gold_rank, match_gold
+from modeling_rag.metrics import answer_in_text
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "evaluate_rag.py"
 
@@ -117,7 +120,7 @@ def test_full_run_writes_consistent_outputs(saved_model, data_dir, tmp_path):
     assert answers["exact_match"] == pytest.approx(sum(r["exact_match"] for r in rows) / len(rows))
     assert answers["f1"] == pytest.approx(sum(r["f1"] for r in rows) / len(rows))
     for r in rows:
-        em = max(100.0 * evaluate_rag.answer_in_text([g], r["answer"]) for g in r["gold_answers"])
+        em = max(100.0 * answer_in_text([g], r["answer"]) for g in r["gold_answers"])
         assert r["exact_match"] <= em  # exact match implies the answer is in the prediction
 
     # retrieval metrics agree with the rows: max(k)=5 passages retrieved, gold ranks, MRR
@@ -249,13 +252,13 @@ def test_unknown_model_and_mismatched_gold_ids(saved_model, data_dir, tmp_path):
 
 
 def test_gold_matching_counts_chunks():
-    assert evaluate_rag.match_gold("doc#3", ["doc"]) == "doc"
-    assert evaluate_rag.match_gold("doc", ["doc"]) == "doc"
-    assert evaluate_rag.match_gold("doc2", ["doc"]) == "doc2"
-    assert evaluate_rag.gold_rank(["a", "doc2", "doc#1"], ["doc"]) == 3
-    assert evaluate_rag.gold_rank(["a"], ["doc"]) is None
-    assert evaluate_rag.answer_rank(["nothing here", "in 1911 it was"], ["1911"]) == 2
-    assert evaluate_rag.answer_rank(["in 1911 it was"], ["911"]) is None
+    assert match_gold("doc#3", ["doc"]) == "doc"
+    assert match_gold("doc", ["doc"]) == "doc"
+    assert match_gold("doc2", ["doc"]) == "doc2"
+    assert gold_rank(["a", "doc2", "doc#1"], ["doc"]) == 3
+    assert gold_rank(["a"], ["doc"]) is None
+    assert answer_rank(["nothing here", "in 1911 it was"], ["1911"]) == 2
+    assert answer_rank(["in 1911 it was"], ["911"]) is None
     with pytest.raises(SystemExit):
         evaluate_rag.parse_args(["--model", "m", "--questions", "q", "--k-values", "0,5"])
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from modeling_rag.errors import IndexIntegrityError, RagInputError
-from modeling_rag.index_bm25 import BM25_CONFIG_NAME, BM25Index
+from modeling_rag.index.bm25 import BM25_CONFIG_NAME, BM25Index
 
 PASSAGES = [
     {"title": "Normans", "text": "The Normans gave their name to Normandy, a region in France."},

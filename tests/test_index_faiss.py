@@ -9,7 +9,8 @@ import pytest
 
 from modeling_rag.constants import EXACT_VECTORS_NAME, FAISS_INDEX_NAME, INDEX_CONFIG_NAME, PASSAGES_NAME
 from modeling_rag.errors import IndexIntegrityError, IndexMismatchError, RagConfigError, RagInputError
-from modeling_rag.index_faiss import KINDS, PassageIndex, resolve_kind, sha256_file
+from modeling_rag.index import KINDS, PassageIndex, resolve_kind
+from modeling_rag.utils.hashing import sha256_file
 
 DIM = 16
 N = 300
@@ -240,7 +241,7 @@ def _rewrite_config(folder, **changes):
 
 
 def test_passage_count_differs_from_index_count(saved):
-    from modeling_rag.passage_store import open_passage_store, write_passage_store
+    from modeling_rag.index.passage_store import open_passage_store, write_passage_store
 
     table = open_passage_store(saved / PASSAGES_NAME)
     write_passage_store(saved / "short.arrow", [table.slice(0, N - 1)])
@@ -287,12 +288,12 @@ def test_config_not_json_and_missing(saved):
 def test_interrupted_save_keeps_previous_index(saved, data, monkeypatch):
     x, passages = data
     bigger = PassageIndex.build(x[:50], passages[:50], kind="flat")
-    import modeling_rag.index_faiss as mod
+    import modeling_rag.index.passage_index as mod
 
     def failing_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(mod, "_write_config", failing_save)  # fails after index.faiss + passages.arrow are written
+    monkeypatch.setattr(mod, "write_config", failing_save)  # fails after index.faiss + passages.arrow are written
     with pytest.raises(OSError, match="disk full"):
         bigger.save(saved)
     monkeypatch.undo()
@@ -329,3 +330,23 @@ def test_interrupted_swap_restores_the_previous_index(saved, caplog):
     shutil.move(saved, saved.parent / "elsewhere")
     with pytest.raises(IndexIntegrityError, match="No index folder"):
         PassageIndex.load(saved)
+
+
+def test_the_old_module_paths_re_export_the_index_package():
+    # code written before the split imports from the flat modules; they must hand out the very same objects
+    import modeling_rag.index as index
+    import modeling_rag.index_bm25 as old_bm25
+    import modeling_rag.index_faiss as old_faiss
+    import modeling_rag.index_verification as old_verification
+    import modeling_rag.passage_store as old_store
+    from modeling_rag.index import bm25, passage_store, verification
+
+    assert old_faiss.PassageIndex is index.PassageIndex is PassageIndex
+    assert old_faiss.resolve_kind is index.resolve_kind and old_faiss.KINDS == KINDS
+    assert old_faiss.sha256_file is sha256_file
+    assert old_bm25.BM25Index is bm25.BM25Index is index.BM25Index
+    assert old_store.open_passage_store is passage_store.open_passage_store
+    assert old_verification.is_trusted is verification.is_trusted
+    import modeling_rag
+
+    assert modeling_rag.PassageIndex is PassageIndex and modeling_rag.BM25Index is bm25.BM25Index

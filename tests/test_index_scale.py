@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import modeling_rag.index_faiss as index_faiss
+import modeling_rag.index.folder as index_folder
 from modeling_rag.constants import (
     EMBEDDINGS_NAME,
     FAISS_INDEX_NAME,
@@ -23,7 +23,7 @@ from modeling_rag.constants import (
     PASSAGES_NAME,
 )
 from modeling_rag.errors import IndexIntegrityError, RagInputError
-from modeling_rag.index_faiss import PassageIndex, resolve_kind
+from modeling_rag.index import PassageIndex, resolve_kind
 
 DIM = 16
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,13 +44,13 @@ def plain_passages(n, text_len=20):
 @pytest.fixture
 def counted_hashes(monkeypatch):
     calls = []
-    real = index_faiss.sha256_file
+    real = index_folder.sha256_file
 
     def counting(path):
         calls.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(index_faiss, "sha256_file", counting)
+    monkeypatch.setattr(index_folder, "sha256_file", counting)
     return calls
 
 

@@ -300,7 +300,7 @@ def test_sigkill_at_every_rename_of_save_pretrained(tmp_path):
 def test_sigkill_at_every_rename_of_an_index_save(tmp_path):
     import json
 
-    import modeling_rag.index_faiss as index_faiss
+    import modeling_rag.index.folder as index_folder
     from modeling_rag.retrieval_rag import RagRetriever
 
     corpus = tmp_path / "p.jsonl"
@@ -315,7 +315,7 @@ def test_sigkill_at_every_rename_of_an_index_save(tmp_path):
     for n in range(1, 10):
 
         def work(n=n):
-            _kill_at_call(index_faiss, "rename", n)
+            _kill_at_call(index_folder, "rename", n)
             retriever.save(folder)
 
         status = _run_in_child(work)

@@ -11,8 +11,7 @@ from conftest import DATA_DIR
 from modeling_rag.constants import BM25_DIR, INDEX_CONFIG_NAME
 from modeling_rag.encoders import encode_texts, weights_fingerprint
 from modeling_rag.errors import IndexIntegrityError, IndexMismatchError, RagConfigError, RagInputError
-from modeling_rag.index_bm25 import BM25Index
-from modeling_rag.index_faiss import PassageIndex
+from modeling_rag.index import BM25Index, PassageIndex
 from modeling_rag.retrieval_rag import RagRetriever, RetrievalOutput
 
 # dense order for q = e0: p0, p2, p1, p4, p3 ; bm25 order for "zebra giraffe okapi": p3, p2, p1, p0, p4

@@ -67,7 +67,7 @@ def build_ours(w: Workload, dpr, bart):
     from transformers import BertConfig, BertModel
 
     from modeling_rag import RagConfig, RagForGeneration, RagTokenizer
-    from modeling_rag.index_faiss import PassageIndex
+    from modeling_rag.index import PassageIndex
     from modeling_rag.retrieval_rag import RagRetriever
 
     s = w.settings

@@ -34,6 +34,14 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("recipe")
     g.add_argument("--config", default=None, help="A YAML recipe of option values (overridden by command-line flags).")
     g.add_argument("--verbose", action="store_true", help="Also show the libraries' own progress bars and notices.")
+    _add_model_and_data_args(parser)
+    _add_optimisation_args(parser)
+    _add_accelerate_args(parser)
+    _add_checkpoint_and_logging_args(parser)
+
+
+def _add_model_and_data_args(parser: argparse.ArgumentParser) -> None:
+    """The model to start from (or assemble), its corpus, the questions and the output folder."""
     g = parser.add_argument_group("model and data")
     g.add_argument(
         "--model",
@@ -73,6 +81,10 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-dev-examples", type=int, default=None, help="Use only the first N validation questions.")
     g.add_argument("--output-dir", default=None, help="Where checkpoints, logs and the final model are written.")
+
+
+def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
+    """Seed, batch, AdamW and the learning-rate schedule."""
     g = parser.add_argument_group("optimisation")
     g.add_argument("--seed", type=int, default=42, help="Random seed (data order, dropout, initialisation).")
     g.add_argument(
@@ -101,6 +113,10 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--warmup-ratio", type=float, default=0.1, help="Fraction of the steps spent warming up.")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+
+
+def _add_accelerate_args(parser: argparse.ArgumentParser) -> None:
+    """Mixed precision, device and gradient checkpointing."""
     g = parser.add_argument_group("accelerate")
     g.add_argument(
         "--mixed-precision",
@@ -115,6 +131,10 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Recompute activations in the backward pass to save memory (non-reentrant checkpointing).",
     )
+
+
+def _add_checkpoint_and_logging_args(parser: argparse.ArgumentParser) -> None:
+    """Checkpoints, resuming, validation, trackers and the saved model."""
     g = parser.add_argument_group("checkpoints and logging")
     g.add_argument(
         "--checkpointing-steps",

@@ -108,8 +108,8 @@ def reencode_retriever(model, *, batch_size: int = 64, accelerator=None):
     retriever had one. Returns the new `RagRetriever` (not attached).
     """
     from ..encoders import weights_fingerprint
-    from ..index_bm25 import BM25Index
-    from ..index_faiss import PassageIndex
+    from ..index.bm25 import BM25Index
+    from ..index.passage_index import PassageIndex
     from ..retrieval_rag import RagRetriever
 
     old = model.retriever

@@ -35,7 +35,7 @@ from .index_sharded import ShardedPassageIndex, merge_topk, read_manifest, shard
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistributedShardedIndex"]
+__all__ = ["DistributedShardedIndex", "open_distributed_retriever", "use_distributed_index"]
 
 
 class DistributedShardedIndex:
@@ -265,6 +265,18 @@ class DistributedShardedIndex:
             out[~local] = self._cache_vectors[self._cached_positions(flat[~local])]
         return out.reshape(*ids.shape, self.dim)
 
+    def all_passage_ids(self) -> list[str]:
+        """The ``id`` of every passage of the index, in global row order (collective: each rank sends its shards')."""
+        mine = [(s, idx.passages_table.column("id").to_pylist()) for s, idx in self._local.shards.items()]
+        answers: list[Any] = [None] * self.world_size
+        dist.all_gather_object(answers, mine, group=self._group)
+        by_shard = dict(item for part in answers for item in part)
+        if sorted(by_shard) != list(range(self.num_shards)):
+            raise IndexMismatchError(
+                f"The ranks hold shards {sorted(by_shard)} of {self.num_shards}; some are missing."
+            )
+        return [pid for s in range(self.num_shards) for pid in by_shard[s]]
+
     def add(self, *args: Any, **kwargs: Any) -> np.ndarray:
         raise RagInputError("A sharded index cannot grow in place; rebuild it (scripts/build_index.py --num-shards).")
 
@@ -294,3 +306,29 @@ def _as_queries(queries: Any, dim: int) -> np.ndarray:
     if not np.isfinite(q).all():
         raise RagInputError("queries contain NaN or infinite values; check the question encoder output.")
     return np.ascontiguousarray(q)
+
+
+def use_distributed_index(index_folder: str | os.PathLike) -> bool:
+    """Whether `index_folder` is a sharded index and this process is one of several torch.distributed ranks."""
+    from .index_sharded import is_sharded_folder
+
+    return (
+        dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and is_sharded_folder(index_folder)
+    )
+
+
+def open_distributed_retriever(
+    index_folder: str | os.PathLike,
+    *,
+    expected_dim: int | None = None,
+    expected_fingerprint: str | None = None,
+    mmap: bool = False,
+    verify: bool | None = None,
+) -> Any:
+    """A dense `RagRetriever` over this rank's shards of `index_folder` (see `DistributedShardedIndex`)."""
+    from .retrieval_rag import RagRetriever
+
+    index = DistributedShardedIndex.open(
+        index_folder, mmap=mmap, verify=verify, expected_dim=expected_dim, expected_fingerprint=expected_fingerprint
+    )
+    return RagRetriever(index, retrieval="dense")

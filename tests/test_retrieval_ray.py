@@ -10,7 +10,8 @@ from modeling_rag.index_sharded import ShardedPassageIndex, build_sharded_index 
 from modeling_rag.retrieval_rag import RagRetriever  # noqa: E402
 from modeling_rag.retrieval_ray import RayShardedIndex  # noqa: E402
 
-N, DIM = 60, 8
+N = 40
+QUESTION = "what is the policy?"
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +28,23 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((N, DIM)).astype(np.float32)
-    passages = [{"id": f"p{i}", "title": f"T{i}", "text": f"passage {i}"} for i in range(N)]
+def model():
+    from conftest import make_tiny_rag
+
+    return make_tiny_rag()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, model):
+    """Two shards of passages encoded by the tiny model's passage encoder (so the model can answer from them)."""
+    from modeling_rag.encoders import encode_texts, weights_fingerprint
+
+    passages = [{"id": f"p{i}", "title": f"T{i}", "text": f"word{i} word{i + 1} policy {i}"} for i in range(N)]
+    vectors = encode_texts([p["text"] for p in passages], model.passage_encoder, model.tokenizer.question_encoder)
     path = tmp_path_factory.mktemp("ray") / "index"
-    build_sharded_index(path, vectors, passages, 2, kind="flat")
+    build_sharded_index(
+        path, vectors, passages, 2, kind="flat", encoder_fingerprint=weights_fingerprint(model.passage_encoder)
+    )
     return path
 
 
@@ -44,23 +56,33 @@ def served(cluster, folder):
 
 
 def test_actors_spread_over_both_nodes_and_answer_as_the_local_index(served, folder):
-    assert served.groups == [[0], [1]] and [i["count"] for i in served.actor_infos] == [30, 30]
+    assert served.groups == [[0], [1]] and [i["count"] for i in served.actor_infos] == [N // 2, N // 2]
     assert len({i["node_id"] for i in served.actor_infos}) == 2  # one actor per node
     local = RagRetriever(ShardedPassageIndex.open(folder))
     remote = RagRetriever(served)
-    q = np.random.default_rng(1).standard_normal((5, DIM)).astype(np.float32)
+    q = np.random.default_rng(1).standard_normal((5, served.dim)).astype(np.float32)
     a, b = remote.retrieve(q, 8), local.retrieve(q, 8)
     np.testing.assert_array_equal(a.row_ids, b.row_ids)
     np.testing.assert_array_equal(a.doc_scores, b.doc_scores)
     np.testing.assert_array_equal(a.doc_embeddings, b.doc_embeddings)
     assert a.passages == b.passages
-    assert {p["row_id"] for row in a.passages for p in row} & set(range(30, 60))  # both actors contributed
+    assert {p["row_id"] for row in a.passages for p in row} & set(range(N // 2, N))  # both actors contributed
     with pytest.raises(RagInputError, match="Unknown row id"):
         served.get_passages([N])
 
 
+def test_model_answers_unchanged_through_ray(served, folder, model):
+    model.set_retriever(RagRetriever(ShardedPassageIndex.open(folder)))
+    (local,) = model.answer(QUESTION, n_docs=3)
+    model.set_retriever(RagRetriever(served))
+    (remote,) = model.answer(QUESTION, n_docs=3)
+    assert [s.id for s in remote.sources] == [s.id for s in local.sources]
+    assert [s.score for s in remote.sources] == [s.score for s in local.sources]
+    assert remote.answer == local.answer
+
+
 def test_a_killed_actor_is_restarted_and_asked_again(served, folder):
-    q = np.random.default_rng(2).standard_normal((3, DIM)).astype(np.float32)
+    q = np.random.default_rng(2).standard_normal((3, served.dim)).astype(np.float32)
     want = ShardedPassageIndex.open(folder).search(q, 6)
     ray.kill(served.actors[1], no_restart=True)
     got = served.search(q, 6)
@@ -73,29 +95,8 @@ def test_a_dead_actor_without_restarts_names_its_shard(served):
     try:
         ray.kill(served.actors[0], no_restart=True)
         with pytest.raises(ShardUnavailableError, match=r"Shard\(s\) \[0\] .*died") as err:
-            served.search(np.zeros((1, DIM), np.float32), 3)
+            served.search(np.zeros((1, served.dim), np.float32), 3)
         assert err.value.shard == 0
     finally:
         served.max_restarts = 1
-    assert served.search(np.zeros((1, DIM), np.float32), 3)[1].shape == (1, 3)  # restarted on the next call
-
-
-def test_model_answers_unchanged_through_ray(cluster, tmp_path, tiny_rag_factory):
-    from modeling_rag.encoders import encode_texts, weights_fingerprint
-    from modeling_rag.index_faiss import PassageIndex
-
-    model = tiny_rag_factory()
-    passages = [{"id": f"d{i}", "title": f"Doc {i}", "text": f"word{i} word{i + 1} policy {i}"} for i in range(10)]
-    vectors = encode_texts([p["text"] for p in passages], model.passage_encoder, model.tokenizer.question_encoder)
-    fp = weights_fingerprint(model.passage_encoder)
-    build_sharded_index(tmp_path / "ix", vectors, passages, 2, kind="flat", encoder_fingerprint=fp)
-    model.set_retriever(RagRetriever(PassageIndex.build(vectors, passages, kind="flat", encoder_fingerprint=fp)))
-    (local,) = model.answer("what is the policy?", n_docs=3)
-    index = RayShardedIndex(tmp_path / "ix", num_cpus=0.5, timeout_s=60)
-    try:
-        model.set_retriever(RagRetriever(index))
-        (remote,) = model.answer("what is the policy?", n_docs=3)
-    finally:
-        index.shutdown()
-    assert [s.id for s in remote.sources] == [s.id for s in local.sources]
-    assert remote.answer == local.answer
+    assert served.search(np.zeros((1, served.dim), np.float32), 3)[1].shape == (1, 3)  # restarted on the next call

@@ -163,13 +163,29 @@ class DistributedShardedIndex:
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise RagInputError(f"k must be a positive integer, got {k!r}.")
-        q = _as_queries(queries, self.dim)
+        # a rank with bad queries must not leave the others blocked in the gathers: it says so in the first one
+        error: Exception | None = None
+        try:
+            q = _as_queries(queries, self.dim)
+        except (RagInputError, IndexMismatchError) as exc:
+            error, q = exc, np.zeros((0, self.dim), dtype=np.float32)
         k = int(k)
-        meta = [m.tolist() for m in self._gather_tensor(torch.tensor([len(q), k], dtype=torch.int64))]
+        flags = torch.tensor([len(q), k, error is None], dtype=torch.int64)
+        meta = [m.tolist() for m in self._gather_tensor(flags)]
         sizes, ks = [m[0] for m in meta], {m[1] for m in meta}
+        if error is not None:
+            raise error
+        failed = [r for r, m in enumerate(meta) if not m[2]]
+        if failed:
+            raise RagInputError(
+                f"Rank(s) {failed} passed invalid question vectors; no rank searched (see their error)."
+            )
         if len(ks) != 1:
             raise RagInputError(f"Every rank must search with the same k, got {sorted(ks)} across ranks.")
         widest = max(sizes)
+        if widest == 0:  # every rank knows: no question anywhere, nothing more to exchange
+            width = min(k, self.count)
+            return np.zeros((0, width), dtype=np.float32), np.zeros((0, width), dtype=np.int64)
         padded = torch.zeros((widest, self.dim), dtype=torch.float32)
         padded[: len(q)] = torch.from_numpy(q)
         gathered = self._gather_tensor(padded)

@@ -30,6 +30,7 @@ def _queries(rank: int, call: int, n: int) -> np.ndarray:
 def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
     import torch.distributed as dist
 
+    from modeling_rag.errors import IndexMismatchError, RagInputError
     from modeling_rag.retrieval_distributed import DistributedShardedIndex
 
     torch.set_num_threads(1)
@@ -48,6 +49,12 @@ def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
                     "passages": r.passages,
                 }
             )
+        # a rank with bad vectors fails, and the other is told instead of waiting forever
+        bad = np.zeros((1, DIM + 1), np.float32) if rank == 1 else _queries(rank, 9, 2)
+        try:
+            index.search(bad, K)
+        except (RagInputError, IndexMismatchError) as exc:
+            result["bad_call"] = type(exc).__name__
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
@@ -72,6 +79,7 @@ def test_two_gloo_processes_give_the_one_process_results(folder, tmp_path):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["shards"] == [rank, rank + 2]  # rank r holds shards r, r + world
         assert got["local_count"] == N // 2  # each holds half the rows
+        assert got["bad_call"] == ("IndexMismatchError" if rank == 1 else "RagInputError")
         for call, n in enumerate(BATCHES[rank]):
             want = single.retrieve(_queries(rank, call, n), K)
             c = got["calls"][call]

@@ -347,6 +347,10 @@ def test_two_processes_over_a_sharded_index_match_one_process(saved_model, data_
     model.set_retriever(RagRetriever(sharded))
     model.save_pretrained(tmp_path / "sharded_model")
     assert isinstance(RagForGeneration.from_pretrained(tmp_path / "sharded_model").retriever.index, ShardedPassageIndex)
+    from modeling_rag.model_card import card_data_from_model_folder
+
+    card = card_data_from_model_folder(tmp_path / "sharded_model")
+    assert card.n_passages == index.count and card.index_kind == "flat"  # read from the manifest
 
     questions = str(data_dir / "dev.jsonl")
     one = tmp_path / "one"

@@ -207,3 +207,13 @@ def test_model_uses_a_sharded_index_transparently(tmp_path, tiny_rag_factory):
     assert [s.id for s in sharded_answer.sources] == [s.id for s in plain_answer.sources]
     assert [s.score for s in sharded_answer.sources] == pytest.approx([s.score for s in plain_answer.sources])
     assert sharded_answer.answer == plain_answer.answer
+
+
+def test_ivf_shards_searched_exhaustively_equal_flat(tmp_path, data):
+    vectors, passages = data
+    sharded = build_sharded_index(tmp_path / "ivf", vectors, passages, 2, kind="ivf_flat", nlist=2, nprobe=2)
+    assert sharded.kind == "ivf_flat" and all(s.kind == "ivf_flat" for s in sharded.shards.values())
+    queries = np.random.default_rng(4).standard_normal((5, DIM)).astype(np.float32)
+    np.testing.assert_array_equal(
+        sharded.search(queries, 8)[1], PassageIndex.build(*data, kind="flat").search(queries, 8)[1]
+    )

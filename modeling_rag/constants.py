@@ -22,6 +22,11 @@ BM25_DIR = "bm25"
 PASSAGE_TOKENS_DIR = "passage_tokens"  # generator token ids of the passages (see passage_tokens.py)
 INDEX_FORMAT_VERSION = 2  # 2: Arrow passages, vectors only in FAISS; 1 still loads
 
+# A sharded index folder (see index/sharded.py): shard-00000/ ... each an index folder, plus the manifest
+SHARD_MANIFEST_NAME = "shards.json"
+SHARD_DIR_TEMPLATE = "shard-{:05d}"
+SHARD_MANIFEST_FORMAT_VERSION = 1
+
 # A passage-token folder (see passage_tokens.py)
 PASSAGE_TOKENS_CONFIG_NAME = "passage_tokens.json"
 PASSAGE_TOKENS_ROW_IDS_NAME = "row_ids.npy"

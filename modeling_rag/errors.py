@@ -43,3 +43,25 @@ class DataFormatError(RagError, ValueError):
 
 class HubError(RagError, OSError):
     """A Hub repository, revision or file could not be fetched or written."""
+
+
+class ShardIntegrityError(IndexIntegrityError):
+    """A shard of a sharded index is missing, fails its manifest checksum, or does not match the manifest.
+
+    `shard` is the shard number (None when the manifest itself is at fault).
+    """
+
+    def __init__(self, message: str, shard: int | None = None) -> None:
+        super().__init__(message)
+        self.shard = shard
+
+
+class ShardUnavailableError(RagError, RuntimeError):
+    """A shard could not answer a query (its process or actor died); the results would be short of it.
+
+    `shard` is the shard number.
+    """
+
+    def __init__(self, message: str, shard: int | None = None) -> None:
+        super().__init__(message)
+        self.shard = shard

@@ -4,6 +4,7 @@
   offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) it is served from the cache.
 - [`verify_index_checksums`] checks an index folder against the sha256 sums in its ``index_config.json``.
 - [`push_folder_to_hub`] / [`push_model_to_hub`] publish a saved folder (or model) as one commit.
+- [`download_index_shards`] downloads the manifest and only some shards of a sharded index repo.
 
 Every failure is raised as a [`~modeling_rag.errors.HubError`] (or
 [`~modeling_rag.errors.IndexIntegrityError`] for checksums) whose message names the repo, the
@@ -499,7 +500,58 @@ def _card_and_push(folder: str, repo_id: str, tmp: str, *, card_data: Any, eval_
     return push_folder_to_hub(folder, repo_id, **kwargs)
 
 
+def download_index_shards(
+    repo_id: str,
+    shards: Sequence[int] | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    repo_type: str = "dataset",
+) -> str:
+    """Downloads the manifest and the shards numbered `shards` (None: all, with any files beside them) of the
+    sharded index in a Hub repo, checks them against the manifest, and returns the local snapshot folder.
+
+    A node of a cluster downloads only the shards it serves (``ShardedPassageIndex.open(folder, shards)``);
+    shards downloaded later join the same snapshot folder. Raises `HubError` (download) or
+    `ShardIntegrityError` (a shard not matching its manifest).
+    """
+    from .constants import SHARD_MANIFEST_NAME
+    from .index.sharded import ShardedPassageIndex, read_manifest, shard_dir_name
+
+    manifest_folder = resolve_model_folder(
+        repo_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        repo_type=repo_type,
+        allow_patterns=[SHARD_MANIFEST_NAME],
+        require_files=[SHARD_MANIFEST_NAME],
+    )
+    num_shards = read_manifest(manifest_folder)["num_shards"]
+    wanted = list(range(num_shards)) if shards is None else sorted({int(s) for s in shards})
+    bad = [s for s in wanted if not 0 <= s < num_shards]
+    if bad:
+        raise HubError(f"The sharded index in '{repo_id}' has shards 0..{num_shards - 1}; there is no shard {bad}.")
+    # everything when all shards are asked for (a bm25/ beside them too), else the manifest and those shards
+    patterns = None if shards is None else [SHARD_MANIFEST_NAME, *(f"{shard_dir_name(s)}/*" for s in wanted)]
+    folder = resolve_model_folder(
+        repo_id,
+        revision=os.path.basename(manifest_folder) if revision is None else revision,  # the same commit
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        repo_type=repo_type,
+        allow_patterns=patterns,
+    )
+    ShardedPassageIndex.open(folder, shards=None if shards is None else wanted, verify=True)
+    return folder
+
+
 __all__ = [
+    "download_index_shards",
     "push_folder_to_hub",
     "push_model_to_hub",
     "push_saved_model_to_hub",

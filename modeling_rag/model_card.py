@@ -22,6 +22,7 @@ from .constants import (
     INDEX_CONFIG_NAME,
     INDEX_DIR,
     MODEL_CARD_NAME,
+    SHARD_MANIFEST_NAME,
     TRAINING_CONFIG_NAME,
 )
 from .errors import RagInputError
@@ -499,6 +500,8 @@ def card_data_from_model_folder(
                 fields[key] = config[key]
     index_path = config.get("index_path") if isinstance(config, dict) else None
     index_config = _read_json(root / (index_path or INDEX_DIR) / INDEX_CONFIG_NAME)
+    if not isinstance(index_config, dict):  # a sharded index: its manifest holds the same top-level facts
+        index_config = _read_json(root / (index_path or INDEX_DIR) / SHARD_MANIFEST_NAME)
     if isinstance(index_config, dict):
         for src, dest in (
             ("count", "n_passages"),

@@ -105,8 +105,11 @@ class RagRetriever:
         fusion_depth: int = 100,
         passage_tokens: PassageTokens | None = None,
     ) -> None:
-        if not isinstance(index, PassageIndex):
-            raise RagInputError(f"index must be a PassageIndex, got {type(index).__name__}.")
+        if not isinstance(index, PassageIndex) and not getattr(index, "is_sharded_index", False):
+            raise RagInputError(
+                "index must be a PassageIndex or a sharded index (ShardedPassageIndex, DistributedShardedIndex, "
+                f"RayShardedIndex), got {type(index).__name__}."
+            )
         if bm25 is not None and not isinstance(bm25, BM25Index):
             raise RagInputError(f"bm25 must be a BM25Index or None, got {type(bm25).__name__}.")
         if passage_tokens is not None and not isinstance(passage_tokens, PassageTokens):
@@ -307,10 +310,16 @@ class RagRetriever:
     ) -> RagRetriever:
         """Opens a folder written by `save` (or a plain `PassageIndex` folder, as dense retrieval).
 
+        A folder holding a shard manifest (``shards.json``) opens as a `ShardedPassageIndex` over all its shards.
+
         See `PassageIndex.load` for the checks (and `verify`); a missing or broken ``bm25/`` that the settings
         require, or a broken ``passage_tokens/``, raises `IndexIntegrityError`.
         """
-        index = PassageIndex.load(
+        from .index.sharded import ShardedPassageIndex, is_sharded_folder
+
+        # a manifest marks a sharded folder: the same retriever over all its shards
+        opener = ShardedPassageIndex.open if is_sharded_folder(folder) else PassageIndex.load
+        index = opener(
             folder,
             mmap=mmap,
             verify=verify,

@@ -19,6 +19,7 @@ from .constants import (
     INDEX_DIR,
     QUESTION_ENCODER_TOKENIZER_DIR,
     SAFE_WEIGHTS_NAME,
+    SHARD_MANIFEST_NAME,
 )
 from .errors import SavedModelError
 
@@ -69,6 +70,8 @@ def _check_index(folder: str, config: dict) -> None:
     index_path = config.get("index_path") or INDEX_DIR
     index_folder = os.path.join(folder, index_path)
     if os.path.isfile(os.path.join(index_folder, INDEX_CONFIG_NAME)):
+        return
+    if os.path.isfile(os.path.join(index_folder, SHARD_MANIFEST_NAME)):  # a sharded index (index/sharded.py)
         return
     what = "folder" if not os.path.isdir(index_folder) else f"{INDEX_CONFIG_NAME} in its folder"
     raise SavedModelError(

@@ -8,6 +8,13 @@ Several processes (each encodes a shard; the main process saves)::
 
     accelerate launch --num_processes 2 scripts/build_index.py --corpus docs/ --encoder ... --output my-index --cpu
 
+A sharded index (``--num-shards N``: N index folders plus a manifest, see modeling_rag/index/sharded.py) is
+built shard by shard, holding one shard's vectors and FAISS index at a time; under ``accelerate launch``
+process i builds shards i, i + world, ... and the main process writes the manifest once all are written.
+A killed sharded build keeps its finished shards when run again. It has no BM25 index (dense retrieval)::
+
+    accelerate launch --num_processes 2 scripts/build_index.py --corpus ... --encoder ... --output big --num-shards 4 --cpu
+
 Vectors are encoded in shards saved under ``--work-dir`` (default ``<output>.build``): if the build is
 killed, running the same command again encodes only the shards that were not finished. The work folder
 is removed once the index is saved.
@@ -50,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: <output>.build); a rerun of a killed build resumes from them",
     )
     parser.add_argument("--shard-size", type=int, default=4096, help="passages per saved shard of vectors")
+    parser.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        help="write a sharded index of this many shards, built one shard at a time (dense retrieval, no BM25)",
+    )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is available")
     parser.add_argument(
         "--generator-tokenizer",
@@ -66,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_script_output(verbose=args.verbose)
     accelerator = Accelerator(cpu=args.cpu)
     work_dir = args.work_dir or os.path.normpath(args.output) + ".build"
+    if args.num_shards is not None:
+        return _main_sharded(args, accelerator)
     try:
         generator_tokenizer = None
         if args.generator_tokenizer:  # loaded and checked before the long build
@@ -108,6 +123,69 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"Saved {index.count} passages ({index.kind}, {index.metric}, dim {index.dim}) "
             f"from {accelerator.num_processes} process(es) to {args.output}"
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def _main_sharded(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """Builds a sharded index: each process encodes and writes its own shards, the main one the manifest."""
+    from modeling_rag.corpus import chunk_documents, chunking_config, passage_text, read_corpus
+    from modeling_rag.encoders import encode_texts, weights_fingerprint
+    from modeling_rag.index.sharded import build_shards
+
+    try:
+        if args.retrieval != "dense" or args.generator_tokenizer:
+            raise RagInputError(
+                "--num-shards builds a dense index only: leave out --retrieval bm25/hybrid and --generator-tokenizer."
+            )
+        if args.num_shards < 1:
+            raise RagInputError(f"--num-shards must be a positive integer, got {args.num_shards}.")
+        tokenizer = AutoTokenizer.from_pretrained(args.encoder)
+        encoder = AutoModel.from_pretrained(args.encoder).eval().to(accelerator.device)
+        main_process = accelerator.is_main_process
+        passages = chunk_documents(
+            read_corpus(args.corpus), tokenizer, args.max_tokens, args.overlap, show_progress=False
+        )
+        max_length = min(getattr(tokenizer, "model_max_length", 512) or 512, 512)
+        encoding = {"pooling": args.pooling, "normalize": not args.no_normalize, "max_length": max_length}
+
+        def encode(part):
+            return encode_texts(
+                [passage_text(p) for p in part],
+                encoder,
+                tokenizer,
+                batch_size=args.batch_size,
+                device=accelerator.device,
+                show_progress=main_process,
+                desc="Encoding a shard",
+                **encoding,
+            )
+
+        manifest = build_shards(
+            args.output,
+            passages,
+            encode,
+            args.num_shards,
+            dim=int(encoder.config.hidden_size),
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            barrier=accelerator.wait_for_everyone,
+            kind=args.kind,
+            metric=args.metric,
+            encoder_name=args.encoder,
+            encoder_fingerprint=weights_fingerprint(encoder),
+            chunking=chunking_config(tokenizer, args.max_tokens, args.overlap),
+            extra_config={"encoding": encoding, "retriever": {"retrieval": "dense", "bm25": False}},
+        )
+    except (RagError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if manifest is not None:
+        print(
+            f"Saved {manifest['count']} passages in {manifest['num_shards']} shards ({manifest['kind']}, "
+            f"{manifest['metric']}, dim {manifest['dim']}) from {accelerator.num_processes} process(es) to {args.output}"
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()

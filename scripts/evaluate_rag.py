@@ -360,7 +360,20 @@ def load_model(args: argparse.Namespace, accelerator: Accelerator) -> tuple[RagF
     with accelerator.main_process_first():
         try:
             folder = resolve_model_folder(args.model, revision=args.revision)
-            model = RagForGeneration.from_pretrained(folder)
+            index_folder = _sharded_index_folder(folder)
+            # a sharded index across several processes: each holds only its shards (retrieval_distributed.py)
+            model = RagForGeneration.from_pretrained(folder, load_index=index_folder is None)
+            if index_folder is not None:
+                from modeling_rag.encoders import weights_fingerprint
+                from modeling_rag.retrieval_distributed import open_distributed_retriever
+
+                model.set_retriever(
+                    open_distributed_retriever(
+                        index_folder,
+                        expected_dim=model.config.retrieval_vector_size,
+                        expected_fingerprint=weights_fingerprint(model.passage_encoder),
+                    )
+                )
         except RagError:
             raise
         except OSError as err:
@@ -376,6 +389,18 @@ def load_model(args: argparse.Namespace, accelerator: Accelerator) -> tuple[RagF
         "local": is_local,
     }
     return model, info
+
+
+def _sharded_index_folder(folder: str) -> str | None:
+    """The model's own index folder when it is sharded and this run has several processes, else None."""
+    from modeling_rag.configuration_rag import RagConfig
+    from modeling_rag.retrieval_distributed import use_distributed_index
+
+    config = RagConfig.from_pretrained(folder)
+    if config.index_repo_id or not config.index_path:
+        return None
+    index_folder = os.path.join(folder, config.index_path)
+    return index_folder if use_distributed_index(index_folder) else None
 
 
 def prepare_retriever(
@@ -400,6 +425,12 @@ def prepare_retriever(
         )
     retriever = model.retriever
     mode = args.retriever or model.config.retrieval
+    distributed = hasattr(retriever.index, "all_passage_ids")
+    if mode != "dense" and distributed:
+        raise RagInputError(
+            f"--retriever {mode} needs the BM25 index, which a sharded index searched across processes does not keep; "
+            "use dense retrieval, or run in one process."
+        )
     if mode != "dense" and retriever.bm25 is None:
         accelerator.print("The index has no BM25 part: building it from the index's passages.")
         retriever.rebuild_bm25()
@@ -424,6 +455,8 @@ def prepare_retriever(
         "encoder_name": index.encoder_name,
         "chunking": index.chunking,
         "bm25": retriever.bm25 is not None,
+        "num_shards": getattr(index, "num_shards", None),
+        "shards_per_process": len(index.shard_ids) if distributed else None,
         "fusion": {
             k: getattr(model.config, k) for k in ("fusion", "hybrid_alpha", "fusion_normalization", "fusion_depth")
         },
@@ -438,7 +471,10 @@ def prepare_retriever(
 def check_gold_ids(examples, model: RagForGeneration, accelerator: Accelerator) -> int:
     """Counts gold passage ids found nowhere in the index (exactly or as chunks); all unknown is an error."""
     index = model.retriever.index
-    ids = [str(p.get("id")) for p in index.get_passages(index.row_ids)]
+    if hasattr(index, "all_passage_ids"):  # held across processes: each sends its shards' ids
+        ids = index.all_passage_ids()
+    else:
+        ids = [str(p.get("id")) for p in index.get_passages(index.row_ids)]
     known = set(ids) | {document_id(pid) for pid in ids} - {None}
     gold = {pid for e in examples for pid in e.positive_passage_ids}
     unknown = sorted(gold - known)

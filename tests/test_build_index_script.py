@@ -175,3 +175,49 @@ def test_work_dir_of_another_corpus_is_not_reused(tmp_path, corpus_file, encoder
 
     clear_shard_dir(work)
     assert os.listdir(work) == ["mine.txt"]  # only our files are removed
+
+
+def test_sharded_build_matches_the_unsharded_index(tmp_path, corpus_file, encoder_dir, capsys):
+    from modeling_rag.index.sharded import ShardedPassageIndex
+
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    assert _main()([*_args(corpus_file, encoder_dir, plain), "--no-bm25"]) == 0
+    assert _main()([*_args(corpus_file, encoder_dir, sharded), "--num-shards", "3"]) == 0
+    assert "in 3 shards" in capsys.readouterr().out
+    a, b = PassageIndex.load(plain), RagRetriever.load(sharded).index
+    assert isinstance(b, ShardedPassageIndex) and b.num_shards == 3 and b.count == a.count
+    assert a.encoder_fingerprint == b.encoder_fingerprint and b.config["encoding"]["pooling"] == "mean"
+    assert a.get_passages(a.row_ids) == b.get_passages(b.row_ids)
+    q = a.get_embeddings(a.row_ids[:5]) + 0.01
+    np.testing.assert_array_equal(a.search(q, 4)[1], b.search(q, 4)[1])
+    # run again into the same folder: the finished shards are kept, not re-encoded
+    stamp = os.stat(sharded / "shard-00001" / "index.faiss").st_mtime_ns
+    assert _main()([*_args(corpus_file, encoder_dir, sharded), "--num-shards", "3"]) == 0
+    assert os.stat(sharded / "shard-00001" / "index.faiss").st_mtime_ns == stamp
+    assert (
+        _main()([*_args(corpus_file, encoder_dir, tmp_path / "x"), "--num-shards", "2", "--retrieval", "hybrid"]) == 1
+    )
+    assert "dense index only" in capsys.readouterr().err
+
+
+@pytest.mark.multiprocess
+def test_two_process_sharded_build(tmp_path, corpus_file, encoder_dir):
+    from modeling_rag.index.sharded import ShardedPassageIndex
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _main()([*_args(corpus_file, encoder_dir, one), "--num-shards", "3"]) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "0", SCRIPT]  # fmt: skip
+    r = subprocess.run(
+        [*launch, *_args(corpus_file, encoder_dir, two), "--num-shards", "3"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "in 3 shards" in r.stdout and "from 2 process(es)" in r.stdout
+    a, b = ShardedPassageIndex.open(one), ShardedPassageIndex.open(two)
+    assert a.get_passages(a.row_ids) == b.get_passages(b.row_ids)
+    np.testing.assert_allclose(a.get_embeddings(a.row_ids), b.get_embeddings(b.row_ids), atol=1e-5)

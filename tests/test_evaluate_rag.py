@@ -328,3 +328,47 @@ def test_model_from_hub_repo_with_revision(saved_model, data_dir, tmp_path, hub_
     assert results["model"]["commit"] == commit.oid
     assert results["model"]["local"] is False and "model_card" not in results
     assert results["metrics"]["retrieval"]["num_questions"] == 7
+
+
+@pytest.mark.multiprocess
+def test_two_processes_over_a_sharded_index_match_one_process(saved_model, data_dir, tmp_path):
+    """Each of 2 processes holds one of the 2 shards (retrieval_distributed.py); the results are the unsharded ones."""
+    from modeling_rag import RagForGeneration
+    from modeling_rag.index.sharded import ShardedPassageIndex, build_sharded_index
+    from modeling_rag.retrieval_rag import RagRetriever
+
+    model = RagForGeneration.from_pretrained(saved_model)
+    index = model.retriever.index
+    sharded = build_sharded_index(
+        tmp_path / "sharded_index",
+        index.get_embeddings(index.row_ids),
+        index.get_passages(index.row_ids),
+        2,
+        kind="flat",
+        encoder_fingerprint=index.encoder_fingerprint,
+    )
+    model.set_retriever(RagRetriever(sharded))
+    model.save_pretrained(tmp_path / "sharded_model")
+    assert isinstance(RagForGeneration.from_pretrained(tmp_path / "sharded_model").retriever.index, ShardedPassageIndex)
+    from modeling_rag.model_card import card_data_from_model_folder
+
+    card = card_data_from_model_folder(tmp_path / "sharded_model")
+    assert card.n_passages == index.count and card.index_kind == "flat"  # read from the manifest
+
+    questions = str(data_dir / "dev.jsonl")
+    one = tmp_path / "one"
+    evaluate_rag.main(base_args(saved_model, questions, one, "--batch-size", 2, "--retriever", "dense"))
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    cmd += [str(SCRIPT)] + base_args(str(tmp_path / "sharded_model"), questions, two, "--batch-size", 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r1 = json.loads((one / "results.json").read_text())
+    r2 = json.loads((two / "results.json").read_text())
+    assert r2["index"]["num_shards"] == 2 and r2["index"]["shards_per_process"] == 1
+    assert r1["metrics"] == r2["metrics"]
+    keys = ("id", "answer", "retrieved_ids", "retrieved_scores", "gold_rank")
+    p1, p2 = read_predictions(one), read_predictions(two)
+    assert [{k: r[k] for k in keys} for r in p1] == [{k: r[k] for k in keys} for r in p2]

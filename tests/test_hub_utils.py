@@ -387,3 +387,29 @@ def test_push_model_adds_a_card_and_keeps_user_text(tmp_path, hub_server, hub_to
     card = ModelCard.load(Path(resolve_model_folder(repo_id), "README.md"))
     assert note in card.text
     assert card.data.to_dict()["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.5
+
+
+def test_a_node_downloads_only_its_shards(tmp_path, hub_server, hub_token, fresh_hf_cache):
+    import numpy as np
+
+    from modeling_rag.errors import ShardIntegrityError
+    from modeling_rag.hub_utils import download_index_shards
+    from modeling_rag.index.sharded import ShardedPassageIndex, build_sharded_index
+
+    rng = np.random.default_rng(0)
+    passages = [{"id": f"p{i}", "title": "", "text": f"passage {i}"} for i in range(30)]
+    folder = tmp_path / "sharded"
+    build_sharded_index(folder, rng.standard_normal((30, 8)).astype(np.float32), passages, 3, kind="flat")
+    repo_id = _repo("sharded")
+    push_folder_to_hub(folder, repo_id, token=hub_token, repo_type="dataset")
+
+    local = download_index_shards(repo_id, [1])
+    assert sorted(p.name for p in Path(local).iterdir()) == ["shard-00001", "shards.json"]
+    part = ShardedPassageIndex.open(local, shards=[1])
+    assert part.get_passages([12])[0]["id"] == "p12"
+    with pytest.raises(ShardIntegrityError, match="Shard 0 .*missing"):
+        ShardedPassageIndex.open(local)
+    everything = download_index_shards(repo_id)  # the rest joins the same snapshot
+    assert everything == local and ShardedPassageIndex.open(everything).count == 30
+    with pytest.raises(HubError, match="no shard"):
+        download_index_shards(repo_id, [3])

@@ -46,6 +46,7 @@ from importlib import import_module
 _LAZY = {
     "PassageIndex": "passage_index",
     "BM25Index": "bm25",
+    "ShardedPassageIndex": "sharded",
     "KINDS": "kinds",
     "METRICS": "kinds",
     "default_kind_params": "kinds",

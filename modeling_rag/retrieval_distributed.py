@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import IndexMismatchError, RagConfigError, RagInputError
-from .index.sharded import ShardedPassageIndex, merge_topk, read_manifest, shards_of_rank
+from .index.sharded import ShardedPassageIndex, merge_topk, read_manifest, rows_like, shards_of_rank
 
 logger = logging.getLogger(__name__)
 
@@ -264,10 +264,7 @@ class DistributedShardedIndex:
             self._cached_positions(flat[remote])
             for slot in remote.tolist():
                 out[slot] = dict(self._cache_passages[int(flat[slot])])
-        if ids.ndim == 2:
-            width = ids.shape[1]
-            return [out[i * width : (i + 1) * width] for i in range(ids.shape[0])]
-        return out
+        return rows_like(out, ids)
 
     def get_embeddings(self, row_ids: Any) -> np.ndarray:
         """Vectors of `row_ids` (any shape), float32 `[*S, dim]`: own rows, or rows of the last `search`."""

@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
     raise ImportError('modeling_rag.retrieval_ray needs Ray: pip install -e ".[ray]" (or pip install ray).') from exc
 
 from .errors import IndexMismatchError, RagConfigError, RagInputError, ShardUnavailableError
-from .index.sharded import ShardedPassageIndex, merge_topk, read_manifest
+from .index.sharded import ShardedPassageIndex, merge_topk, read_manifest, rows_like
 
 logger = logging.getLogger(__name__)
 
@@ -234,10 +234,7 @@ class RayShardedIndex:
         for g, part in enumerate(self._call_all("passages", args)):
             for slot, p in zip(slots[g].tolist(), part or []):
                 out[slot] = p
-        if ids.ndim == 2:
-            width = ids.shape[1]
-            return [out[i * width : (i + 1) * width] for i in range(ids.shape[0])]
-        return out
+        return rows_like(out, ids)
 
     def get_embeddings(self, row_ids: Any) -> np.ndarray:
         """The stored vectors of global `row_ids` (any shape `S`), float32 `[*S, dim]`."""

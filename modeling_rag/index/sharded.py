@@ -411,6 +411,14 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     return m
 
 
+def rows_like(items: list, ids: np.ndarray) -> list:
+    """`items` (one per id of the flattened `ids`) as a list of rows when `ids` is 2-D, else as it is."""
+    if ids.ndim == 2:
+        width = ids.shape[1]
+        return [items[i * width : (i + 1) * width] for i in range(ids.shape[0])]
+    return items
+
+
 class ShardedPassageIndex:
     """Some or all shards of a sharded index folder, searched as one index (global row ids)."""
 
@@ -623,10 +631,7 @@ class ShardedPassageIndex:
             for slot, p in zip(slots.tolist(), self._shards[s].get_passages(flat[slots] - start)):
                 p["row_id"] = int(p["row_id"]) + start
                 out[slot] = p
-        if ids.ndim == 2:
-            width = ids.shape[1]
-            return [out[i * width : (i + 1) * width] for i in range(ids.shape[0])]
-        return out
+        return rows_like(out, ids)
 
     def get_embeddings(self, row_ids: Any) -> np.ndarray:
         """The stored vectors of global `row_ids` (any shape `S`), float32 `[*S, dim]`."""

@@ -44,6 +44,7 @@ __all__ = [
     "decline_before_generating",
     "max_similarity",
     "no_answer_first_token",
+    "no_answer_sequence_bias",
     "fit_abstention",
     "is_no_answer",
 ]
@@ -64,6 +65,11 @@ class AbstentionCalibration:
         retrieval_floor: The lowest `max_similarity` of an answerable dev question. A question whose passages
             are less similar than that is declined before generating (a streamed answer then shows only the
             no-answer response, never a reader's guess). ``None``: no such gate.
+        no_answer_bias: Added to the logit of the no-answer response's second token when the answer has begun
+            with its first (transformers' ``sequence_bias``; 0: none). A reader trained on unanswerable
+            questions can give its no-answer response too readily; a negative bias, chosen on dev data with
+            the rule, makes it answer and leaves the decision to the rule, which sees its lean towards the
+            no-answer response in ``no_answer_margin``.
     """
 
     weights: list[float]
@@ -73,6 +79,7 @@ class AbstentionCalibration:
     dev_metrics: dict = field(default_factory=dict)
     features: list[str] = field(default_factory=lambda: list(ABSTENTION_FEATURES))
     retrieval_floor: float | None = None
+    no_answer_bias: float = 0.0
 
     @classmethod
     def from_dict(cls, data: dict) -> AbstentionCalibration:
@@ -90,6 +97,10 @@ class AbstentionCalibration:
             raise RagConfigError(f"abstention.weights must be {len(ABSTENTION_FEATURES)} finite numbers.")
         if not 0.0 <= float(cal.threshold) <= 1.0:
             raise RagConfigError(f"abstention.threshold must be between 0 and 1, got {cal.threshold!r}.")
+        if not isinstance(cal.no_answer_bias, (int, float)) or not -100.0 <= float(cal.no_answer_bias) <= 0.0:
+            raise RagConfigError(
+                f"abstention.no_answer_bias must be a number between -100 and 0, got {cal.no_answer_bias!r}."
+            )
         return cal
 
     def to_dict(self) -> dict:
@@ -276,6 +287,7 @@ def fit_abstention(
     max_false_abstention: float = 0.05,
     l2: float = 1e-2,
     fitted_on: str = "",
+    no_answer_bias: float = 0.0,
 ) -> AbstentionCalibration:
     """Fits the logistic confidence on dev questions with (label 1) and without (label 0) answers, and picks
     the highest threshold at which at most `max_false_abstention` of the answerable ones are abstained."""
@@ -299,7 +311,9 @@ def fit_abstention(
     opt.step(closure)
     weights = (w.detach().numpy() / std).tolist()
     bias = float(b.detach()) - float(np.sum(w.detach().numpy() * mean / std))
-    cal = AbstentionCalibration(weights=weights, bias=bias, threshold=0.0, fitted_on=fitted_on)
+    cal = AbstentionCalibration(
+        weights=weights, bias=bias, threshold=0.0, fitted_on=fitted_on, no_answer_bias=float(no_answer_bias)
+    )
     cal.retrieval_floor = float(np.min(answerable.max_similarity)) - 1e-6
     _, conf_a = abstain_decisions(answerable, cal, threshold=0.0)
     reader_abstains = answerable.says_no_answer > 0.5
@@ -326,6 +340,18 @@ def calibration_of(config) -> AbstentionCalibration | None:
     return AbstentionCalibration.from_dict(config.abstention) if config.abstention else None
 
 
+def no_answer_sequence_bias(model, bias: float | None = None) -> dict | None:
+    """``{(first, second token of the no-answer response): bias}`` for `generate`'s ``sequence_bias``: `bias`,
+    or the calibration's `no_answer_bias`; ``None`` when there is no such bias."""
+    if bias is None:
+        calibration = calibration_of(model.config)
+        bias = calibration.no_answer_bias if calibration is not None else 0.0
+    if not bias or model.tokenizer is None:
+        return None
+    ids = answer_ids(model, model.config.no_answer_text, with_eos=False)
+    return {tuple(int(t) for t in ids[:2]): float(bias)} if ids else None
+
+
 def recorder_for(model, generation_mode: str, generate_kwargs: dict) -> AnswerLogprobRecorder | None:
     """A recorder added to `generate_kwargs["logits_processor"]` where it can follow the decoding: one
     generator input per question (``concat``) and no beam search. ``None`` elsewhere."""
@@ -334,6 +360,9 @@ def recorder_for(model, generation_mode: str, generate_kwargs: dict) -> AnswerLo
     if generation_mode != "concat" or (generate_kwargs.get("num_beams") or 1) > 1:
         return None
     recorder = AnswerLogprobRecorder(no_answer_first_token(model))
+    bias = no_answer_sequence_bias(model)
+    if bias and "sequence_bias" not in generate_kwargs:
+        generate_kwargs["sequence_bias"] = bias
     generate_kwargs["logits_processor"] = LogitsProcessorList(
         [*(generate_kwargs.get("logits_processor") or []), recorder]
     )

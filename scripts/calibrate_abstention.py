@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_rag import RagError, RagForGeneration, load_qa_examples
-from modeling_rag.abstention import AnswerSignals, fit_abstention
+from modeling_rag.abstention import AnswerSignals, fit_abstention, no_answer_sequence_bias
 from modeling_rag.constants import CONFIG_NAME
 from modeling_rag.readers import READER_CONFIG_NAME, read_reader_config, save_reader_settings
 from modeling_rag.utils.atomic import atomic_write_text
@@ -61,6 +61,14 @@ def get_parser() -> argparse.ArgumentParser:
         default=None,
         help="With a new --reader folder: the name of the generator the rule was fitted for (e.g. SmolLM2-135M-Instruct).",
     )
+    p.add_argument(
+        "--no-answer-bias",
+        type=float,
+        default=0.0,
+        help="Added to the logit of the no-answer response's second token once an answer begins with its first "
+        "(<= 0; stored with the rule). A reader trained on unanswerable questions that gives its no-answer "
+        "response too readily answers more with a negative bias, and the rule decides (default 0: none).",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="Questions per generation batch.")
     p.add_argument("--max-new-tokens", type=int, default=None, help="Answer length; default: the config's.")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads.")
@@ -68,10 +76,14 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def collect_signals(model, questions: list[str], batch_size: int, max_new_tokens, desc: str) -> AnswerSignals:
+def collect_signals(
+    model, questions: list[str], batch_size: int, max_new_tokens, desc: str, no_answer_bias: float = 0.0
+) -> AnswerSignals:
     rows = []
+    bias = no_answer_sequence_bias(model, no_answer_bias)
     for s in tqdm(range(0, len(questions), batch_size), desc=desc, unit="batch"):
         kwargs = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+        kwargs["sequence_bias"] = bias  # this bias only, not one the model's current rule holds
         answers = model.answer(questions[s : s + batch_size], abstention_threshold=0.0, do_sample=False, **kwargs)
         rows.extend(a.signals for a in answers)
     return AnswerSignals.from_rows(rows)
@@ -81,6 +93,8 @@ def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    if not -100.0 <= args.no_answer_bias <= 0.0:
+        raise SystemExit(f"error: --no-answer-bias must be between -100 and 0, got {args.no_answer_bias}.")
     if not 0.0 <= args.max_false_abstention < 1.0:
         raise SystemExit("error: --max-false-abstention must be in [0, 1).")
     model = RagForGeneration.from_pretrained(args.model).eval()
@@ -88,14 +102,24 @@ def main(argv=None) -> dict:
     answerable = [e.question for e in load_qa_examples(args.answerable)]
     unanswerable = [e.question for path in args.unanswerable for e in load_qa_examples(path, require_answers=False)]
     with torch.no_grad():
-        sig_a = collect_signals(model, answerable, args.batch_size, args.max_new_tokens, "answerable dev")
-        sig_u = collect_signals(model, unanswerable, args.batch_size, args.max_new_tokens, "unanswerable dev")
+        sig_a = collect_signals(
+            model, answerable, args.batch_size, args.max_new_tokens, "answerable dev", args.no_answer_bias
+        )
+        sig_u = collect_signals(
+            model, unanswerable, args.batch_size, args.max_new_tokens, "unanswerable dev", args.no_answer_bias
+        )
     fitted_on = (
         f"{len(answerable)} answerable ({os.path.basename(args.answerable)}) and {len(unanswerable)} unanswerable "
         f"({', '.join(map(os.path.basename, args.unanswerable))}) dev questions, at most {args.max_false_abstention:.0%} "
         "answerable abstained"
     )
-    cal = fit_abstention(sig_a, sig_u, max_false_abstention=args.max_false_abstention, fitted_on=fitted_on)
+    cal = fit_abstention(
+        sig_a,
+        sig_u,
+        max_false_abstention=args.max_false_abstention,
+        fitted_on=fitted_on,
+        no_answer_bias=args.no_answer_bias,
+    )
     rule = cal.to_dict()
 
     config_path = os.path.join(args.model, CONFIG_NAME)

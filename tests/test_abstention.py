@@ -18,7 +18,10 @@ from modeling_rag.abstention import (
     abstain_decisions,
     fit_abstention,
     is_no_answer,
+    no_answer_sequence_bias,
+    recorder_for,
 )
+from modeling_rag.inputs import answer_ids
 
 QUESTIONS = ["Who was the Norse leader?", "What is the capital of France?"]
 PASSAGES = [[TINY_PASSAGES[0], TINY_PASSAGES[1]], [TINY_PASSAGES[1], TINY_PASSAGES[2]]]
@@ -108,6 +111,7 @@ def test_reader_saying_no_answer_always_abstains():
         ({"weights": [1.0], "bias": 0.0, "threshold": 0.5}, "abstention.weights"),
         ({"weights": [0.0] * 4, "bias": 0.0, "threshold": 1.5}, "abstention.threshold"),
         ({"weights": [0.0] * 4, "bias": 0.0}, "abstention"),
+        ({"weights": [0.0] * 4, "bias": 0.0, "threshold": 0.5, "no_answer_bias": 2.0}, "abstention.no_answer_bias"),
         ("always", "abstention must be a dict"),
     ],
 )
@@ -247,3 +251,27 @@ def test_fit_sets_the_retrieval_floor_at_the_least_similar_answerable_question()
     cal = fit_abstention(answerable, _signals(rng, 50, similarity=0.1, logprob=-2.0))
     assert cal.retrieval_floor == pytest.approx(answerable.max_similarity.min(), abs=1e-5)
     assert cal.retrieval_floor < answerable.max_similarity.min()
+
+
+def test_no_answer_bias_reaches_generate_as_a_sequence_bias_on_the_no_answer_response():
+    model = make_tiny_rag("gpt2", "concat", max_new_tokens=6)
+    rule = AbstentionCalibration(weights=[0.0] * 4, bias=10.0, threshold=0.0).to_dict()
+    model.config.abstention = rule
+    assert no_answer_sequence_bias(model) is None
+    kwargs = {}
+    recorder_for(model, "concat", kwargs)
+    assert "sequence_bias" not in kwargs
+    model.config.abstention = {**rule, "no_answer_bias": -4.0}
+    ids = answer_ids(model, model.config.no_answer_text, with_eos=False)  # as the reader was trained
+    kwargs = {}
+    recorder_for(model, "concat", kwargs)
+    assert kwargs["sequence_bias"] == {tuple(ids[:2]): -4.0}
+    kwargs = {"sequence_bias": None}  # the caller's own choice wins
+    recorder_for(model, "concat", kwargs)
+    assert kwargs["sequence_bias"] is None
+    # generate applies it: the reader's second token, biased away after its first, changes
+    own = model.generate(QUESTIONS[:1], passages=PASSAGES[:1], do_sample=False)[0].tolist()
+    biased = model.generate(
+        QUESTIONS[:1], passages=PASSAGES[:1], do_sample=False, sequence_bias={tuple(own[:2]): -100.0}
+    )[0].tolist()
+    assert biased[0] == own[0] and biased[1] != own[1]

@@ -101,6 +101,13 @@ def save_reader(model, folder: str | os.PathLike, *, base_generator: str, notes:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.generator.save_pretrained(folder, safe_serialization=True)
+    # peft records the base weights' local folder (a path of this machine) and writes a placeholder card:
+    # a reader names its base generator instead, and its card is written from measured results
+    adapter_config_path = folder / ADAPTER_FILES[0]
+    adapter_config = json.loads(adapter_config_path.read_text(encoding="utf-8"))
+    adapter_config["base_model_name_or_path"] = base_generator
+    atomic_write_text(str(adapter_config_path), json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    (folder / "README.md").unlink(missing_ok=True)
     settings = {name: getattr(model.config, name) for name in READER_SETTINGS}
     config = {
         "format_version": READER_FORMAT_VERSION,

@@ -4,6 +4,7 @@ and the generator script trains one on answerable and unanswerable questions."""
 import argparse
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,9 @@ def test_reader_round_trip_gives_the_adapted_generator(tmp_path):
     files = set(os.listdir(folder))
     assert {"adapter_config.json", "adapter_model.safetensors", READER_CONFIG_NAME} <= files
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)  # no pickle
+    assert "README.md" not in files  # no placeholder card from peft
+    # the base generator by name, never a folder of the machine that trained it
+    assert json.loads((Path(folder) / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-gpt2"
     fresh = make_tiny_rag("gpt2", "concat", seed=1)  # the same base weights
     config = apply_reader(fresh, folder)
     assert config["base_generator"] == "tiny-gpt2" and config["notes"] == {"steps": 3}

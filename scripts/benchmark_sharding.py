@@ -54,7 +54,8 @@ def _block_vectors(start: int, stop: int, dim: int, block: int = 50_000) -> np.n
 
 def build(folder: Path, n: int, dim: int, num_shards: int) -> float:
     """Writes a flat sharded index of `num_shards` shards, one shard in memory at a time; returns seconds."""
-    from modeling_rag.index.sharded import shard_bounds, write_manifest, write_shard
+    from modeling_rag.index.sharded import shard_bounds
+    from modeling_rag.index.sharded_build import write_manifest, write_shard
 
     start_t = time.perf_counter()
     for shard, (start, stop) in enumerate(shard_bounds(n, num_shards)):

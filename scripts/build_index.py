@@ -133,7 +133,7 @@ def _main_sharded(args: argparse.Namespace, accelerator: Accelerator) -> int:
     """Builds a sharded index: each process encodes and writes its own shards, the main one the manifest."""
     from modeling_rag.corpus import chunk_documents, chunking_config, passage_text, read_corpus
     from modeling_rag.encoders import encode_texts, weights_fingerprint
-    from modeling_rag.index.sharded import build_shards
+    from modeling_rag.index.sharded_build import build_shards
 
     try:
         if args.retrieval != "dense" or args.generator_tokenizer:

@@ -334,7 +334,8 @@ def test_model_from_hub_repo_with_revision(saved_model, data_dir, tmp_path, hub_
 def test_two_processes_over_a_sharded_index_match_one_process(saved_model, data_dir, tmp_path):
     """Each of 2 processes holds one of the 2 shards (retrieval_distributed.py); the results are the unsharded ones."""
     from modeling_rag import RagForGeneration
-    from modeling_rag.index.sharded import ShardedPassageIndex, build_sharded_index
+    from modeling_rag.index.sharded import ShardedPassageIndex
+    from modeling_rag.index.sharded_build import build_sharded_index
     from modeling_rag.retrieval_rag import RagRetriever
 
     model = RagForGeneration.from_pretrained(saved_model)

@@ -394,7 +394,8 @@ def test_a_node_downloads_only_its_shards(tmp_path, hub_server, hub_token, fresh
 
     from modeling_rag.errors import ShardIntegrityError
     from modeling_rag.hub_utils import download_index_shards
-    from modeling_rag.index.sharded import ShardedPassageIndex, build_sharded_index
+    from modeling_rag.index.sharded import ShardedPassageIndex
+    from modeling_rag.index.sharded_build import build_sharded_index
 
     rng = np.random.default_rng(0)
     passages = [{"id": f"p{i}", "title": "", "text": f"passage {i}"} for i in range(30)]

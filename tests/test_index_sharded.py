@@ -8,13 +8,8 @@ import pytest
 from modeling_rag.constants import INDEX_CONFIG_NAME, SHARD_MANIFEST_NAME
 from modeling_rag.errors import IndexMismatchError, RagInputError, ShardIntegrityError
 from modeling_rag.index.passage_index import PassageIndex
-from modeling_rag.index.sharded import (
-    ShardedPassageIndex,
-    build_sharded_index,
-    merge_topk,
-    shard_bounds,
-    shards_of_rank,
-)
+from modeling_rag.index.sharded import ShardedPassageIndex, merge_topk, shard_bounds, shards_of_rank
+from modeling_rag.index.sharded_build import build_sharded_index
 from modeling_rag.retrieval_rag import RagRetriever
 
 N, DIM = 103, 16

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from modeling_rag.index.sharded import ShardedPassageIndex, build_sharded_index
+from modeling_rag.index.sharded import ShardedPassageIndex
+from modeling_rag.index.sharded_build import build_sharded_index
 from modeling_rag.retrieval_rag import RagRetriever
 
 N, DIM, K = 88, 12, 7  # 4 shards of 22 rows

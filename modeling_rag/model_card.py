@@ -511,11 +511,11 @@ def card_data_from_model_folder(
         ):
             if index_config.get(src) is not None:
                 fields[dest] = index_config[src]
-        if fields.get("index_encoder") and os.path.isabs(str(fields["index_encoder"])):
-            # a folder of the machine that built the index says nothing to a reader of the card
-            fields["index_encoder"] = base_model_id(fields["index_encoder"]) or os.path.basename(
-                str(fields["index_encoder"]).rstrip("/")
-            )
+        if fields.get("index_encoder"):
+            # indexes built before names were recorded portably may hold a folder of the builder's machine
+            from .utils.names import portable_name
+
+            fields["index_encoder"] = portable_name(fields["index_encoder"])
         corpus = _first(index_config, "corpus_name", "corpus")
         if isinstance(corpus, str):
             fields["corpus_name"] = corpus

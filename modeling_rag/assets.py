@@ -154,6 +154,19 @@ def default_question_encoder_path() -> str:
     return str(folder)
 
 
+def is_default_question_encoder(name_or_path: str | os.PathLike[str]) -> bool:
+    """Whether `name_or_path` names the default question encoder (its name, ``"default"``, or its folder)."""
+    name = os.fspath(name_or_path)
+    if name in ("default", DEFAULT_QUESTION_ENCODER):
+        return True
+    package_dir = _package_dir(MINILM_PACKAGE)
+    return (
+        package_dir is not None
+        and os.path.isdir(name)
+        and os.path.realpath(name) == os.path.realpath(package_dir / "model")
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Generator
 # --------------------------------------------------------------------------------------------

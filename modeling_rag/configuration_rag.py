@@ -154,6 +154,12 @@ class RagConfig(PretrainedConfig):
         n_candidates (`int`, defaults to 20):
             First-stage passages per question that the reranker scores; at least `n_docs`. Each costs one
             cross-encoder pass, so latency grows linearly with it (docs/benchmarks.md).
+        rerank_first_stage_weight (`float`, defaults to 0.0):
+            How much the first stage still counts when the reranker orders its candidates: they are sorted
+            by `z(reranker logit) + rerank_first_stage_weight * z(first-stage score)`, each z-scored over the
+            question's candidates; 0 orders by the reranker alone. The passages' scores stay the reranker's
+            relevance either way. A reranker trained briefly knows less than a tuned hybrid first stage
+            about some questions; the weight chosen on dev data is recorded in docs/benchmarks.md.
         generation_mode (`str`, defaults to `"concat"`):
             How passages reach the generator. `"concat"`: all passages and the question in one input.
             `"rag_sequence"` / `"rag_token"`: one input per passage, marginalised with the passage scores over
@@ -235,6 +241,7 @@ class RagConfig(PretrainedConfig):
     fusion_depth: int = 100
     reranker: str | None = None
     n_candidates: int = 20
+    rerank_first_stage_weight: float = 0.0
     generation_mode: str = "concat"
     sequence_decoding: str = "fast"
     max_input_tokens: int | None = None
@@ -319,6 +326,9 @@ class RagConfig(PretrainedConfig):
         self._positive_int("min_passage_tokens", minimum=0)
         if not isinstance(self.hybrid_alpha, (int, float)) or not 0.0 <= float(self.hybrid_alpha) <= 1.0:
             raise RagConfigError(f"hybrid_alpha must be between 0 and 1, got {self.hybrid_alpha!r}.")
+        weight = self.rerank_first_stage_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= float(weight) < float("inf"):
+            raise RagConfigError(f"rerank_first_stage_weight must be a number >= 0, got {weight!r}.")
         if not isinstance(self.label_smoothing, (int, float)) or not 0.0 <= float(self.label_smoothing) < 1.0:
             raise RagConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}.")
 

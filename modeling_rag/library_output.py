@@ -22,10 +22,14 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 
 # loggers of libraries underneath that log routine steps at INFO or DEBUG
 NOISY_LOGGERS = ("bm25s", "faiss", "faiss.loader", "httpx", "urllib3")
+# (category, message regex) of deprecation notices one library raises about another's call, not ours to
+# act on; quiet scripts hide them. peft reads `is_gradient_checkpointing`, which transformers 5 renamed.
+LIBRARY_DEPRECATIONS = ((FutureWarning, r"`is_gradient_checkpointing` is deprecated"),)
 
 
 class _WarningsAndAbove(logging.Filter):
@@ -98,7 +102,7 @@ def configure_script_output(verbose: bool = False) -> None:
 
     Quiet (the default): modeling_rag logs at INFO, every other library at WARNING (also those that
     set their own logger lower, `NOISY_LOGGERS`); transformers logs errors only; transformers, the
-    Hub and datasets show no progress bars. Verbose: INFO for every logger, and the libraries' bars,
+    Hub and datasets show no progress bars, and `LIBRARY_DEPRECATIONS` are hidden. Verbose: INFO for every logger, and the libraries' bars,
     also inside modeling_rag's calls.
     """
     logging.basicConfig(
@@ -113,6 +117,8 @@ def configure_script_output(verbose: bool = False) -> None:
             logging.getLogger(chatty).addFilter(QUIET_FILTER)  # adds it once
     if verbose:
         return
+    for category, message in LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     # read when these libraries are imported: set for those not imported yet
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -38,6 +38,7 @@ def build_from_checkpoints(
     dtype: torch.dtype | None,
     reader_adapter: str | os.PathLike | None,
     config_kwargs: dict[str, Any],
+    reranker: str | os.PathLike | None = None,
 ):
     """A `cls` model from two checkpoints with their tokenizers (see
     `RagForGeneration.from_pretrained_question_encoder_generator`)."""
@@ -71,6 +72,16 @@ def build_from_checkpoints(
         apply_reader(model, reader)
         model.config.update(config_kwargs)  # the caller's settings win over the reader's
         model.config.validate_rag()
+    reranker_folder = _reranker_folder(reranker, question_encoder_name_or_path)
+    if reranker_folder is not None:
+        from .reranker import CrossEncoderReranker
+
+        loaded = CrossEncoderReranker.load(reranker_folder)
+        for key, value in loaded.settings.items():  # what it was tuned with, unless the caller said otherwise
+            if key not in config_kwargs:
+                setattr(model.config, key, value)
+        model.config.validate_rag()
+        model.set_reranker(loaded)
     if retriever is not None:
         model.set_retriever(retriever)
     return model
@@ -86,6 +97,20 @@ def _reader_folder(reader_adapter, generator_name_or_path) -> str | None:
 
         return shipped_reader_path(DEFAULT_GENERATOR) if is_default_generator(generator_name_or_path) else None
     return os.fspath(reader_adapter)
+
+
+def _reranker_folder(reranker, question_encoder_name_or_path) -> str | None:
+    """The reranker folder `build_from_checkpoints` attaches (``None``: none)."""
+    if reranker is None:
+        return None
+    if reranker == "auto":
+        from .assets import DEFAULT_QUESTION_ENCODER, is_default_question_encoder
+        from .reranker import shipped_reranker_path
+
+        if not is_default_question_encoder(question_encoder_name_or_path):
+            return None
+        return shipped_reranker_path(DEFAULT_QUESTION_ENCODER)
+    return os.fspath(reranker)
 
 
 def save_model(

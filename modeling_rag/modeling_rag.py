@@ -450,6 +450,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         retriever=None,
         dtype: torch.dtype | None = None,
         reader_adapter: str | os.PathLike | None = "auto",
+        reranker: str | os.PathLike | None = "auto",
         **config_kwargs,
     ) -> RagForGeneration:
         """Builds a model from two existing checkpoints (local folders or Hub ids), with their tokenizers.
@@ -458,6 +459,11 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
         merged into the generator, with the settings it was trained and calibrated with; ``"auto"`` (default)
         applies the reader the package ships for the default generator (SmolLM2-135M-Instruct), when the
         generator is that one; ``None`` keeps the generator untuned.
+
+        `reranker`: a saved reranker folder (`modeling_rag.reranker.CrossEncoderReranker`) to attach, with the
+        settings it was tuned with (`n_candidates`, `rerank_first_stage_weight`) unless `config_kwargs` set
+        them; ``"auto"`` (default) attaches the reranker the package ships for the default question encoder
+        (all-MiniLM-L6-v2), when the question encoder is that one; ``None`` retrieves without reranking.
         """
         return build_from_checkpoints(
             cls,
@@ -468,6 +474,7 @@ class RagForGeneration(RagPreTrainedModel, GenerationMixin):
             dtype=dtype,
             reader_adapter=reader_adapter,
             config_kwargs=config_kwargs,
+            reranker=reranker,
         )
 
     @quiet_library_output()

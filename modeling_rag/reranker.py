@@ -8,12 +8,23 @@ probability that the passage answers the question (the training loss is binary c
 Passages are tokenised once and their token ids kept in a bounded cache keyed by the passage text,
 so a passage retrieved again costs no tokenizer call; pairs are scored in length-sorted batches.
 
+Two scoring heads (`RERANKER_HEADS`, recorded as ``head`` in ``reranker_config.json``):
+
+* ``"sequence_classification"``: any transformers sequence-classification model with one label
+  (its logit over ``[CLS]``), e.g. a pretrained cross-encoder.
+* ``"segment_cosine"`` (`SegmentCosineScorer`, what ``scripts/train_reranker.py`` trains): the
+  encoder reads the pair jointly and the logit is ``scale * cos(mean of the question's tokens, mean
+  of the passage's tokens) + bias``. Over a sentence encoder trained with mean pooling (MiniLM) this
+  ranks sensibly before any training (a fresh ``[CLS]`` head starts at chance), so the little
+  training a CPU affords refines a ranker instead of building one.
+
 A saved reranker is a folder with ``reranker_config.json`` and the tokenizer, plus either
 
-* a peft adapter (``adapter_config.json``, ``adapter_model.safetensors``: LoRA weights and the new
-  classification head) over a base model named in ``reranker_config.json`` (``"all-MiniLM-L6-v2"``
-  is the copy installed with the package, see `modeling_rag.assets`), never a copy of the base; or
-* a whole sequence-classification model (``config.json``, ``model.safetensors``).
+* a peft adapter (``adapter_config.json``, ``adapter_model.safetensors``: LoRA weights, and the new
+  classification head or ``head.safetensors`` with the cosine head's scale and bias) over a base
+  model named in ``reranker_config.json`` (``"all-MiniLM-L6-v2"`` is the copy installed with the
+  package, see `modeling_rag.assets`), never a copy of the base; or
+* a whole model (``config.json``, ``model.safetensors``, and ``head.safetensors`` for the cosine head).
 """
 
 from __future__ import annotations
@@ -36,6 +47,18 @@ from .errors import RagConfigError, RagInputError
 from .utils.atomic import atomic_write_text
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+HEAD_FILE = "head.safetensors"  # the segment-cosine head's scale and bias
+
+# question-encoder name (modeling_rag.assets) -> the reranker shipped for its first stage, a folder in this package
+SHIPPED_RERANKERS = {"all-MiniLM-L6-v2": "rerankers_data/minilm-l6-squad27"}
+# RagConfig fields a reranker folder may recommend (`settings` in reranker_config.json: what it was tuned with)
+RERANKER_SETTINGS = ("n_candidates", "rerank_first_stage_weight")
+
+# head name -> what scores a pair (the model class the folder is loaded with follows from it)
+RERANKER_HEADS = {
+    "sequence_classification": "the one-logit head of an AutoModelForSequenceClassification, over [CLS]",
+    "segment_cosine": "scale * cos(mean question tokens, mean passage tokens) + bias, over an AutoModel's joint states",
+}
 # Tokenizers the reranker can build pairs for from cached ids: those with BERT-style [CLS] / [SEP] tokens.
 PAIR_TOKENS = ("cls_token_id", "sep_token_id")
 
@@ -48,17 +71,93 @@ class RerankerSpeedOptions:
         batch_size: (question, passage) pairs per forward pass.
         cache_size: Passages whose token ids are kept (least recently used ones are dropped).
         question_max_length: Question tokens read (the rest of `max_length` is the passage's).
+        int8: Score on the CPU with the linear layers quantised to int8 (dynamic quantisation): about 2x
+            faster on a small CPU, scores move by ~1e-2. The int8 copy is made from the float model at
+            the first scoring and kept (a new `model` gets a new copy; weights changed in place do not);
+            never used while the model trains or when it is on an accelerator.
     """
 
     batch_size: int = 64
     cache_size: int = 100_000
     question_max_length: int = 64
+    int8: bool = False
 
     def __post_init__(self) -> None:
         for field in ("batch_size", "cache_size", "question_max_length"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RagConfigError(f"RerankerSpeedOptions.{field} must be a positive integer, got {value!r}.")
+        if not isinstance(self.int8, bool):
+            raise RagConfigError(f"RerankerSpeedOptions.int8 must be True or False, got {self.int8!r}.")
+
+
+class SegmentCosineScorer(torch.nn.Module):
+    """A cross-encoder logit from the encoder's joint states of ``[CLS] question [SEP] passage [SEP]``.
+
+    ``logit = scale * cos(q, p) + bias``, where ``q`` / ``p`` are the means of the final hidden states
+    over the question segment (token type 0, with ``[CLS]`` and its ``[SEP]``) and the passage
+    segment (token type 1). Every token attends to both segments, so training (LoRA on the encoder,
+    plus `scale` and `bias`) learns question-passage interactions a bi-encoder cannot see.
+
+    Args:
+        encoder: A BERT-style `AutoModel` (token type ids, `last_hidden_state`); LoRA-wrapped while training.
+        scale: Initial logit scale (cosines are in [-1, 1]; 20 spreads them over a useful logit range).
+        bias: Initial logit offset (centres the sigmoid near the cosine of a typical relevant passage).
+    """
+
+    head = "segment_cosine"
+
+    def __init__(self, encoder: torch.nn.Module, scale: float = 20.0, bias: float = -12.0) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.scale = torch.nn.Parameter(torch.tensor(float(scale)))
+        self.bias = torch.nn.Parameter(torch.tensor(float(bias)))
+
+    @property
+    def config(self):
+        return self.encoder.config
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {"scale": self.scale.detach().cpu().reshape(1), "bias": self.bias.detach().cpu().reshape(1)}
+
+    def load_head_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        if set(state) != {"scale", "bias"} or any(v.numel() != 1 for v in state.values()):
+            raise RagConfigError(f"{where} must hold one-element 'scale' and 'bias' tensors, got {sorted(state)}.")
+        with torch.no_grad():
+            self.scale.copy_(state["scale"].reshape(()))
+            self.bias.copy_(state["bias"].reshape(()))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            raise RagInputError("SegmentCosineScorer needs token_type_ids (0 for the question, 1 for the passage).")
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
+        mask = attention_mask.to(hidden.dtype)
+        question = (token_type_ids == 0).to(hidden.dtype) * mask
+        passage = (token_type_ids == 1).to(hidden.dtype) * mask
+        q = (hidden * question.unsqueeze(-1)).sum(1) / question.sum(1, keepdim=True).clamp(min=1)
+        p = (hidden * passage.unsqueeze(-1)).sum(1) / passage.sum(1, keepdim=True).clamp(min=1)
+        logits = self.scale * torch.nn.functional.cosine_similarity(q, p, dim=-1) + self.bias
+        return SequenceClassifierOutput(logits=logits.unsqueeze(-1))
+
+
+def shipped_reranker_path(question_encoder: str) -> str | None:
+    """The folder of the reranker the package ships for `question_encoder`'s first stage, or ``None``."""
+    relative = SHIPPED_RERANKERS.get(question_encoder)
+    if relative is None:
+        return None
+    folder = Path(__file__).parent / relative
+    return str(folder) if (folder / RERANKER_CONFIG_NAME).is_file() else None
+
+
+def head_of(model: torch.nn.Module) -> str:
+    """The `RERANKER_HEADS` name of a scoring model."""
+    return getattr(model, "head", "sequence_classification")
 
 
 def _text_key(text: str) -> bytes:
@@ -69,13 +168,16 @@ class CrossEncoderReranker:
     """Scores (question, passage) pairs with a sequence-classification model and reorders candidates.
 
     Args:
-        model: A transformers sequence-classification model with one label (its logit is the relevance).
+        model: A transformers sequence-classification model with one label (its logit is the relevance), or a
+            `SegmentCosineScorer`.
         tokenizer: Its tokenizer; it must have ``[CLS]`` / ``[SEP]``-style tokens (BERT, MiniLM, ...).
         max_length: Tokens of one pair (question, passage and 3 special tokens).
         base_model: With `adapter_files`, the base model the adapter applies to (a name for
             `modeling_rag.assets.resolve_model`, or a Hub id); recorded when saving.
         adapter_files: The peft adapter's files (name -> bytes), written back by `save`; None for a whole model.
         speed: `RerankerSpeedOptions`.
+        settings: `RagConfig` values the reranker was tuned with (keys from `RERANKER_SETTINGS`), saved with
+            it; a model that takes the reranker by default (``reranker="auto"``) applies them.
     """
 
     def __init__(
@@ -87,6 +189,7 @@ class CrossEncoderReranker:
         base_model: str | None = None,
         adapter_files: dict[str, bytes] | None = None,
         speed: RerankerSpeedOptions | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         if tokenizer is None:
             raise RagInputError(
@@ -99,7 +202,10 @@ class CrossEncoderReranker:
                 f"The reranker tokenizer ({type(tokenizer).__name__}) lacks {missing}; the reranker builds "
                 "'[CLS] question [SEP] passage [SEP]' pairs and supports BERT-style tokenizers only."
             )
-        if getattr(getattr(model, "config", None), "num_labels", None) != 1:
+        if (
+            head_of(model) == "sequence_classification"
+            and getattr(getattr(model, "config", None), "num_labels", None) != 1
+        ):
             raise RagConfigError(
                 "The reranker model must be a sequence-classification model with num_labels=1 (one relevance "
                 f"logit), got num_labels={getattr(getattr(model, 'config', None), 'num_labels', None)!r}."
@@ -115,7 +221,9 @@ class CrossEncoderReranker:
         self.base_model = base_model
         self.adapter_files = adapter_files
         self.speed = speed or RerankerSpeedOptions()
+        self.settings = _check_settings(settings or {}, "settings")
         self._cache: OrderedDict[bytes, list[int]] = OrderedDict()
+        self._int8: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (the float model, its int8 copy)
 
     def __repr__(self) -> str:
         kind = f"adapter over {self.base_model!r}" if self.adapter_files else "full model"
@@ -155,9 +263,31 @@ class CrossEncoderReranker:
         except StopIteration:
             return torch.device("cpu")
 
+    def _scoring_model(self) -> torch.nn.Module:
+        """The model that scores: the float one, or with `speed.int8` its int8 copy (for inference on the CPU)."""
+        if not self.speed.int8 or self.model.training or self._device().type != "cpu":
+            return self.model
+        if self._int8 is None or self._int8[0] is not self.model:
+            import copy
+            import warnings
+
+            quantize = getattr(getattr(torch, "ao", None), "quantization", None)
+            quantize = getattr(quantize, "quantize_dynamic", None)
+            if quantize is None:
+                raise RagConfigError(
+                    "RerankerSpeedOptions.int8 needs torch.ao.quantization.quantize_dynamic, which this torch "
+                    f"({torch.__version__}) lacks; set int8=False."
+                )
+            with warnings.catch_warnings():  # torch marks eager quantisation deprecated; it still works
+                warnings.simplefilter("ignore")
+                quantized = quantize(copy.deepcopy(self.model), {torch.nn.Linear}, dtype=torch.qint8)
+            self._int8 = (self.model, quantized.eval())
+        return self._int8[1]
+
     def logits(self, pairs: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
         """Relevance logits `[len(pairs)]` (with gradients when the model trains), in the order of `pairs`."""
         device = self._device()
+        model = self._scoring_model()
         pad = self.tokenizer.pad_token_id or 0
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
         out = torch.empty(len(pairs), device=device)
@@ -173,7 +303,7 @@ class CrossEncoderReranker:
                 ids[j, : len(a)] = torch.tensor(a)
                 types[j, : len(t)] = torch.tensor(t)
                 mask[j, : len(a)] = 1
-            logits = self.model(
+            logits = model(
                 input_ids=ids.to(device), attention_mask=mask.to(device), token_type_ids=types.to(device)
             ).logits
             parts.append(logits[:, 0])
@@ -182,8 +312,8 @@ class CrossEncoderReranker:
         return torch.cat(parts).float()[torch.argsort(torch.tensor(order, device=device))]
 
     @torch.no_grad()
-    def score(self, questions: Sequence[str], passages: Sequence[Sequence[dict | str]]) -> list[np.ndarray]:
-        """The relevance (sigmoid of the logit, in (0, 1)) of each passage for its question, one array per question."""
+    def score_logits(self, questions: Sequence[str], passages: Sequence[Sequence[dict | str]]) -> list[np.ndarray]:
+        """The relevance logit of each passage for its question, one float32 array per question."""
         if isinstance(questions, str):
             raise RagInputError("questions must be a list of strings, got a single string.")
         if len(questions) != len(passages):
@@ -195,14 +325,23 @@ class CrossEncoderReranker:
             for q, plist in zip(questions, passages):
                 pairs.extend(self.pair_ids(q, plist))
                 sizes.append(len(plist))
-            probs = torch.sigmoid(self.logits(pairs)).cpu().numpy().astype(np.float32)
+            logits = self.logits(pairs).cpu().numpy().astype(np.float32)
         finally:
             self.model.train(was_training)
-        return np.split(probs, np.cumsum(sizes)[:-1]) if sizes else []
+        return np.split(logits, np.cumsum(sizes)[:-1]) if sizes else []
 
-    def rerank(self, questions: Sequence[str], retrieved: Any, n_docs: int) -> Any:
+    def score(self, questions: Sequence[str], passages: Sequence[Sequence[dict | str]]) -> list[np.ndarray]:
+        """The relevance (sigmoid of the logit, in (0, 1)) of each passage for its question, one array per question."""
+        return [
+            (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
+            for x in self.score_logits(questions, passages)
+        ]
+
+    def rerank(self, questions: Sequence[str], retrieved: Any, n_docs: int, first_stage_weight: float = 0.0) -> Any:
         """Reorders a `RetrievalOutput` of candidates by relevance and keeps the best `n_docs` of each question.
 
+        With `first_stage_weight` > 0 the order is by ``z(logit) + first_stage_weight * z(first-stage
+        score)`` (z-scored over each question's candidates, `RagConfig.rerank_first_stage_weight`).
         The returned `RetrievalOutput` has the relevance as `doc_scores`; its `row_ids`, `passages` and
         `doc_embeddings` follow the new order. Ties keep the first stage's order.
         """
@@ -210,19 +349,24 @@ class CrossEncoderReranker:
 
         if isinstance(n_docs, bool) or not isinstance(n_docs, (int, np.integer)) or n_docs < 1:
             raise RagInputError(f"n_docs must be a positive integer, got {n_docs!r}.")
-        scores = self.score(list(questions), retrieved.passages)
+        all_logits = self.score_logits(list(questions), retrieved.passages)
         k = min(int(n_docs), retrieved.row_ids.shape[1])
         rows, out_scores, out_passages, embeddings = [], [], [], []
-        for b, s in enumerate(scores):
-            order = np.argsort(-s, kind="stable")[:k]
+        for b, logits in enumerate(all_logits):
+            s = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+            key = logits
+            if first_stage_weight:
+                first = np.asarray(retrieved.doc_scores[b], dtype=np.float64)
+                key = _zscore(logits) + float(first_stage_weight) * _zscore(first)
+            order = np.argsort(-key, kind="stable")[:k]
             rows.append(retrieved.row_ids[b][order])
             out_scores.append(s[order])
             out_passages.append([retrieved.passages[b][i] for i in order])
             if retrieved.doc_embeddings is not None:
                 embeddings.append(retrieved.doc_embeddings[b][order])
         return RetrievalOutput(
-            row_ids=np.asarray(rows, dtype=np.int64).reshape(len(scores), k),
-            doc_scores=np.asarray(out_scores, dtype=np.float32).reshape(len(scores), k),
+            row_ids=np.asarray(rows, dtype=np.int64).reshape(len(all_logits), k),
+            doc_scores=np.asarray(out_scores, dtype=np.float32).reshape(len(all_logits), k),
             doc_embeddings=np.asarray(embeddings, dtype=np.float32) if embeddings else None,
             passages=out_passages,
         )
@@ -230,21 +374,30 @@ class CrossEncoderReranker:
     # ------------------------------------------------------------------ persistence
     def save(self, folder: str | os.PathLike) -> None:
         """Writes the reranker into `folder`: its config, tokenizer and adapter (or whole model)."""
+        from safetensors.torch import save_file
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(folder)
+        head = head_of(self.model)
         if self.adapter_files is not None:
             for name, data in self.adapter_files.items():
                 tmp = folder / f".{name}.tmp"
                 tmp.write_bytes(data)
                 os.replace(tmp, folder / name)
         else:
-            self.model.save_pretrained(folder)
+            (self.model.encoder if head == "segment_cosine" else self.model).save_pretrained(folder)
+            if head == "segment_cosine":
+                tmp = folder / f".{HEAD_FILE}.tmp"
+                save_file(self.model.head_state(), str(tmp))
+                os.replace(tmp, folder / HEAD_FILE)
         config = {
             "format_version": RERANKER_FORMAT_VERSION,
             "kind": "adapter" if self.adapter_files is not None else "model",
+            "head": head,
             "base_model": self.base_model,
             "max_length": self.max_length,
+            "settings": self.settings,
             "score": "sigmoid(logit): probability that the passage answers the question",
         }
         atomic_write_text(folder / RERANKER_CONFIG_NAME, json.dumps(config, indent=2) + "\n")
@@ -253,22 +406,35 @@ class CrossEncoderReranker:
     def from_peft_model(
         cls, peft_model: Any, tokenizer: Any, *, base_model: str, **kwargs: Any
     ) -> CrossEncoderReranker:
-        """A reranker from a trained peft model: its adapter files are kept for `save`, its weights merged."""
+        """A reranker from a trained model: its adapter files are kept for `save`, its weights merged.
+
+        `peft_model` is a peft-wrapped sequence-classification model, or a `SegmentCosineScorer` whose
+        encoder is peft-wrapped (its scale and bias travel in ``head.safetensors``).
+        """
+        import copy
         import tempfile
 
+        from safetensors.torch import save
+
+        cosine = head_of(peft_model) == "segment_cosine"
+        adapted = peft_model.encoder if cosine else peft_model
         with tempfile.TemporaryDirectory() as tmp:
-            peft_model.save_pretrained(tmp)
+            adapted.save_pretrained(tmp)
             files = {name: (Path(tmp) / name).read_bytes() for name in ADAPTER_FILES}
         files["adapter_config.json"] = _portable_adapter_config(files["adapter_config.json"], base_model)
-        import copy
-
-        merged = copy.deepcopy(peft_model).merge_and_unload()
+        if cosine:
+            files[HEAD_FILE] = save(peft_model.head_state())
+            merged = SegmentCosineScorer(copy.deepcopy(adapted).merge_and_unload())
+            merged.load_head_state(peft_model.head_state(), "the trained head")
+        else:
+            merged = copy.deepcopy(peft_model).merge_and_unload()
+        merged.eval()
         return cls(merged, tokenizer, base_model=base_model, adapter_files=files, **kwargs)
 
     @classmethod
     def load(cls, folder: str | os.PathLike, *, speed: RerankerSpeedOptions | None = None) -> CrossEncoderReranker:
         """Opens a folder written by `save`; a missing tokenizer, config or weights file raises `RagConfigError`."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
         folder = Path(folder)
         config_path = folder / RERANKER_CONFIG_NAME
@@ -283,11 +449,23 @@ class CrossEncoderReranker:
                 f"{config_path}: format_version must be {RERANKER_FORMAT_VERSION}, got "
                 f"{config.get('format_version') if isinstance(config, dict) else config!r}."
             )
+        head = config.get("head", "sequence_classification")
+        if head not in RERANKER_HEADS:
+            raise RagConfigError(f"{config_path}: head must be one of {sorted(RERANKER_HEADS)}, got {head!r}.")
         if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
             raise RagConfigError(
                 f"The reranker in {folder} has no tokenizer files (tokenizer.json / vocab.txt); save it again with "
                 "its tokenizer (reranker.save(folder))."
             )
+        cosine = head == "segment_cosine"
+        if cosine and not (folder / HEAD_FILE).is_file():
+            raise RagConfigError(f"The reranker in {folder} has a segment_cosine head but no {HEAD_FILE}.")
+
+        def build(path):
+            if cosine:
+                return AutoModel.from_pretrained(path, add_pooling_layer=False)
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+
         tokenizer = AutoTokenizer.from_pretrained(folder)
         kind = config.get("kind")
         if kind == "adapter":
@@ -301,18 +479,26 @@ class CrossEncoderReranker:
             base_name = config.get("base_model")
             if not isinstance(base_name, str) or not base_name:
                 raise RagConfigError(f"{config_path}: an adapter reranker needs 'base_model' (the model it adapts).")
-            base = AutoModelForSequenceClassification.from_pretrained(
-                resolve_model(base_name, "question_encoder"), num_labels=1
-            )
-            model = PeftModel.from_pretrained(base, folder).merge_and_unload()
-            files = {name: (folder / name).read_bytes() for name in ADAPTER_FILES}
+            model = PeftModel.from_pretrained(build(resolve_model(base_name, "question_encoder")), folder)
+            model = model.merge_and_unload()
+            files = {name: (folder / name).read_bytes() for name in (*ADAPTER_FILES, *([HEAD_FILE] if cosine else []))}
         elif kind == "model":
             if not (folder / "model.safetensors").is_file():
                 raise RagConfigError(f"The reranker in {folder} has no model.safetensors.")
-            model = AutoModelForSequenceClassification.from_pretrained(folder)
+            model = build(folder)
             files = None
         else:
             raise RagConfigError(f"{config_path}: kind must be 'adapter' or 'model', got {kind!r}.")
+        if cosine:
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                state = load_file(str(folder / HEAD_FILE))
+            except (SafetensorError, OSError) as err:
+                raise RagConfigError(f"{folder / HEAD_FILE} is not a readable safetensors file ({err}).") from None
+            model = SegmentCosineScorer(model)
+            model.load_head_state(state, str(folder / HEAD_FILE))
         model.eval()
         return cls(
             model,
@@ -321,7 +507,20 @@ class CrossEncoderReranker:
             base_model=config.get("base_model"),
             adapter_files=files,
             speed=speed,
+            settings=_check_settings(config.get("settings") or {}, f"{config_path}: settings"),
         )
+
+
+def _check_settings(settings: Any, where: str) -> dict[str, Any]:
+    if not isinstance(settings, dict) or not set(settings) <= set(RERANKER_SETTINGS):
+        raise RagConfigError(f"{where} must be a mapping with keys among {list(RERANKER_SETTINGS)}, got {settings!r}.")
+    return dict(settings)
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    spread = x.std()
+    return (x - x.mean()) / spread if spread > 0 else np.zeros_like(x)
 
 
 def _portable_adapter_config(data: bytes, base_model: str) -> bytes:
@@ -362,7 +561,7 @@ def retrieve_and_rerank(model: Any, embeddings: np.ndarray | None, questions: li
             f"first {n_candidates} first-stage passages; raise config.n_candidates or ask for fewer passages."
         )
     candidates = model.retriever.retrieve(embeddings, n_candidates, questions=questions)
-    return model.reranker.rerank(questions, candidates, n_docs)
+    return model.reranker.rerank(questions, candidates, n_docs, model.config.rerank_first_stage_weight)
 
 
 def load_model_reranker(model: Any, folder: str | os.PathLike) -> None:

@@ -179,6 +179,18 @@ def _add_model_args(model) -> None:
         help="First-stage passages the reranker scores per question (at least max(--k-values) and --n-docs); "
         "default: config.n_candidates.",
     )
+    model.add_argument(
+        "--reranker-int8",
+        action="store_true",
+        help="Score with the reranker's linear layers quantised to int8 (RerankerSpeedOptions.int8; CPU only).",
+    )
+    model.add_argument(
+        "--rerank-first-stage-weight",
+        type=float,
+        default=None,
+        help="Weight of the first stage's z-scored score next to the reranker's when ordering candidates "
+        "(0: the reranker alone); default: config.rerank_first_stage_weight.",
+    )
 
 
 def _add_question_args(data) -> None:
@@ -436,7 +448,7 @@ def prepare_retriever(
         retriever.rebuild_bm25()
     retriever.retrieval = mode
     model.config.retrieval = mode
-    for name in ("fusion", "hybrid_alpha", "fusion_normalization", "n_candidates"):
+    for name in ("fusion", "hybrid_alpha", "fusion_normalization", "n_candidates", "rerank_first_stage_weight"):
         if getattr(args, name) is not None:
             setattr(model.config, name, getattr(args, name))
     if args.reranker is not None:
@@ -446,6 +458,10 @@ def prepare_retriever(
             from modeling_rag.reranker import CrossEncoderReranker
 
             model.set_reranker(CrossEncoderReranker.load(args.reranker))
+    if args.reranker_int8 and model.reranker is not None:
+        import dataclasses
+
+        model.reranker.speed = dataclasses.replace(model.reranker.speed, int8=True)
     model.config.validate_rag()
     index = retriever.index
     facts = {
@@ -462,6 +478,8 @@ def prepare_retriever(
         },
         "reranker": repr(model.reranker) if model.reranker is not None else None,
         "n_candidates": model.config.n_candidates if model.reranker is not None else None,
+        "reranker_int8": model.reranker.speed.int8 if model.reranker is not None else None,
+        "rerank_first_stage_weight": model.config.rerank_first_stage_weight if model.reranker is not None else None,
         "built_from": args.passages,
         "build_seconds": built_seconds,
     }

@@ -2,7 +2,10 @@
 """Trains a cross-encoder reranker (question, passage) -> relevance, with Accelerate and LoRA (peft).
 
 The cross-encoder starts from the weights of an encoder the package has (all-MiniLM-L6-v2 by
-default) with a new one-logit classification head. Each training question gives one gold passage
+default). Its head (``--head``) is by default ``segment_cosine``: the scaled cosine between the
+mean states of the question and of the passage read together, which ranks sensibly before any
+training; ``sequence_classification`` is a new one-logit head over ``[CLS]``, which starts at chance
+and needs far more steps than a CPU affords. Each training question gives one gold passage
 (label 1) and ``--negatives-per-question`` negatives (label 0) mined from the first stage: passages
 ranked in its top ``--mining-top-k`` that are not gold and contain no gold answer string. The loss
 is binary cross-entropy (so ``sigmoid(logit)`` is a relevance probability) plus the listwise
@@ -64,6 +67,18 @@ def get_parser():
         default="default",
         help="The encoder the cross-encoder starts from: 'default' (all-MiniLM-L6-v2, installed with the "
         "package), a folder or a Hub id; recorded by name in the saved adapter.",
+    )
+    g.add_argument(
+        "--head",
+        default="segment_cosine",
+        choices=["segment_cosine", "sequence_classification"],
+        help="How a pair is scored (see modeling_rag.reranker.RERANKER_HEADS).",
+    )
+    g.add_argument(
+        "--head-learning-rate",
+        type=float,
+        default=1e-2,
+        help="Learning rate of the segment_cosine head's scale and bias (the LoRA weights use --learning-rate).",
     )
     g.add_argument("--max-length", type=int, default=256, help="Tokens of one (question, passage) pair.")
     g.add_argument("--negatives-per-question", type=int, default=3, help="Mined negatives per training question.")
@@ -196,23 +211,22 @@ def ranking_metrics(ranked_ids: list[list[str]], gold: list[list[str]], ks=(1, 5
 # main
 # --------------------------------------------------------------------------------------------------
 def build_cross_encoder(args):
+    """The model to train (LoRA over the base encoder, plus its head) and its tokenizer."""
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     from modeling_rag.assets import resolve_model
+    from modeling_rag.reranker import SegmentCosineScorer
 
     path = resolve_model(args.reranker_base, "question_encoder")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     targets = [t.strip() for t in str(args.lora_target_modules).split(",") if t.strip()]
-    config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=targets,
-    )
-    return get_peft_model(base, config), tokenizer
+    lora = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets)
+    if args.head == "segment_cosine":
+        encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        return SegmentCosineScorer(get_peft_model(encoder, LoraConfig(**lora))), tokenizer
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    return get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, **lora)), tokenizer
 
 
 def main(argv=None) -> dict:
@@ -303,6 +317,7 @@ def main(argv=None) -> dict:
         train_step,
         evaluate=evaluate if dev else None,
         named_parameters=trainable,
+        learning_rate_for=lambda name: args.head_learning_rate if name in ("scale", "bias") else args.learning_rate,
     )
     holder["trainer"] = trainer
     trainer.train()

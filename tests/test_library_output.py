@@ -113,3 +113,22 @@ def test_scripts_are_quiet_unless_verbose(bars_on, caplog):
     finally:
         hf_logging.set_tqdm_hook(None)
     assert calls == [1]
+
+
+def test_quiet_scripts_hide_the_known_library_deprecation_only(bars_on):
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertModel
+
+    tiny = BertModel(
+        BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    )
+    with warnings.catch_warnings(record=True) as seen:  # restores the filters afterwards
+        warnings.simplefilter("always")
+        configure_script_output(verbose=False)
+        get_peft_model(tiny, LoraConfig(r=2, target_modules=["query"])).train()  # peft reads the old name
+        warnings.warn("a deprecation of ours", FutureWarning, stacklevel=1)
+    messages = [str(w.message) for w in seen]
+    assert "a deprecation of ours" in messages
+    assert not [m for m in messages if "is_gradient_checkpointing" in m]

@@ -10,7 +10,7 @@ from conftest import TINY_PASSAGES, build_tiny_tokenizer, make_tiny_rag, tiny_qu
 
 from modeling_rag.constants import RERANKER_DIR
 from modeling_rag.errors import RagConfigError, RagInputError
-from modeling_rag.reranker import CrossEncoderReranker, RerankerSpeedOptions
+from modeling_rag.reranker import CrossEncoderReranker, RerankerSpeedOptions, SegmentCosineScorer
 from modeling_rag.retrieval_rag import RetrievalOutput
 
 QUESTION = "What is the capital of France?"
@@ -80,38 +80,82 @@ def test_batching_and_the_token_cache_do_not_change_scores(reranker):
     np.testing.assert_allclose(first[1], 1 / (1 + np.exp(-np.array(alone))), rtol=1e-4)
 
 
-def adapter_reranker(tmp_path):
+def adapter_reranker(tmp_path, head="sequence_classification"):
+    """A LoRA reranker over a tiny saved base, its adapter (and head) moved off the identity as training would."""
     from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     tok = build_tiny_tokenizer()
     base_dir = tmp_path / "base"
     tiny_cross_encoder(tok, seed=1).save_pretrained(base_dir)
-    from transformers import AutoModelForSequenceClassification
-
-    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
-    peft_model = get_peft_model(
-        base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"])
-    )
+    lora = dict(r=4, lora_alpha=8, target_modules=["query", "value"])
+    if head == "segment_cosine":
+        trained = SegmentCosineScorer(get_peft_model(AutoModel.from_pretrained(base_dir), LoraConfig(**lora)))
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
+        trained = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, **lora))
     torch.manual_seed(3)
     with torch.no_grad():
-        for name, p in peft_model.named_parameters():
+        for name, p in trained.named_parameters():
             if "lora_B" in name or "classifier" in name:
                 p.normal_(0, 0.5)  # a trained adapter: not the identity
-    return CrossEncoderReranker.from_peft_model(peft_model.eval(), tok, base_model=str(base_dir), max_length=64)
+            if name in ("scale", "bias"):
+                p.add_(1.5)
+    return CrossEncoderReranker.from_peft_model(trained.eval(), tok, base_model=str(base_dir), max_length=64)
 
 
-def test_adapter_save_load_gives_the_same_order(tmp_path):
-    reranker = adapter_reranker(tmp_path)
+@pytest.mark.parametrize("head", ["sequence_classification", "segment_cosine"])
+def test_adapter_save_load_gives_the_same_order(tmp_path, head):
+    reranker = adapter_reranker(tmp_path, head)
     before = reranker.score([QUESTION], [TINY_PASSAGES])[0]
     reranker.save(tmp_path / "rr")
     files = set(os.listdir(tmp_path / "rr"))
     assert {"adapter_config.json", "adapter_model.safetensors", "reranker_config.json"} <= files
     assert "model.safetensors" not in files  # an adapter, never a copy of the base
+    assert ("head.safetensors" in files) == (head == "segment_cosine")
+    assert json.loads((tmp_path / "rr" / "reranker_config.json").read_text())["head"] == head
     loaded = CrossEncoderReranker.load(tmp_path / "rr")
+    assert isinstance(loaded.model, SegmentCosineScorer) == (head == "segment_cosine")
     after = loaded.score([QUESTION], [TINY_PASSAGES])[0]
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-6)
     assert np.argsort(-after).tolist() == np.argsort(-before).tolist()
     assert not np.allclose(before, before[0])  # a real ordering, not ties
+
+
+def test_segment_cosine_logit_is_the_scaled_cosine_of_the_segment_means():
+    from transformers import BertModel
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    encoder = BertModel(tiny_question_encoder_config(tok), add_pooling_layer=False).eval()
+    scorer = SegmentCosineScorer(encoder, scale=7.0, bias=-2.0).eval()
+    reranker = CrossEncoderReranker(scorer, tok, max_length=64, speed=RerankerSpeedOptions(batch_size=3))
+    scores = reranker.score([QUESTION], [TINY_PASSAGES])[0]
+    expected = []
+    for ids, types in reranker.pair_ids(QUESTION, TINY_PASSAGES):
+        with torch.no_grad():
+            h = encoder(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types])).last_hidden_state[0]
+        t = torch.tensor(types)
+        cos = torch.nn.functional.cosine_similarity(h[t == 0].mean(0), h[t == 1].mean(0), dim=0)
+        expected.append(torch.sigmoid(7.0 * cos - 2.0).item())
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)  # padding in a batch changes nothing
+    with pytest.raises(RagInputError, match="token_type_ids"):
+        scorer(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_a_broken_cosine_head_is_refused_at_load(tmp_path):
+    reranker = adapter_reranker(tmp_path, "segment_cosine")
+    reranker.save(tmp_path / "rr")
+    (tmp_path / "rr" / "head.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RagConfigError, match="head.safetensors"):
+        CrossEncoderReranker.load(tmp_path / "rr")
+    os.remove(tmp_path / "rr" / "head.safetensors")
+    with pytest.raises(RagConfigError, match="no head.safetensors"):
+        CrossEncoderReranker.load(tmp_path / "rr")
+    config = json.loads((tmp_path / "rr" / "reranker_config.json").read_text())
+    (tmp_path / "rr" / "reranker_config.json").write_text(json.dumps(dict(config, head="max_sim")))
+    with pytest.raises(RagConfigError, match="head must be one of"):
+        CrossEncoderReranker.load(tmp_path / "rr")
 
 
 def test_whole_model_save_load(reranker, tmp_path):
@@ -227,13 +271,14 @@ def test_broken_reranker_folders(tmp_path, reranker):
         CrossEncoderReranker.load(tmp_path / "rr")
 
 
-def test_the_reranker_travels_over_the_hub(tmp_path, hub_token, fresh_hf_cache):
+@pytest.mark.parametrize("head", ["sequence_classification", "segment_cosine"])
+def test_the_reranker_travels_over_the_hub(tmp_path, hub_token, fresh_hf_cache, head):
     import uuid
 
     from modeling_rag import RagForGeneration
 
     model = tiny_rag_with_reranker(tmp_path)
-    model.set_reranker(adapter_reranker(tmp_path))
+    model.set_reranker(adapter_reranker(tmp_path, head))
     before = model.retrieve([QUESTION, "Who was Rollo?"])
     repo = f"test-org/rerank-{uuid.uuid4().hex[:8]}"
     model.push_to_hub(repo, token=hub_token)
@@ -242,3 +287,47 @@ def test_the_reranker_travels_over_the_hub(tmp_path, hub_token, fresh_hf_cache):
     after = loaded.retrieve([QUESTION, "Who was Rollo?"])
     assert after.row_ids.tolist() == before.row_ids.tolist()
     np.testing.assert_allclose(after.doc_scores, before.doc_scores, rtol=1e-4)
+
+
+def test_int8_scoring_stays_close_and_leaves_the_float_model(tmp_path):
+    reranker = adapter_reranker(tmp_path, "segment_cosine")
+    fast = CrossEncoderReranker(
+        reranker.model, reranker.tokenizer, max_length=64, speed=RerankerSpeedOptions(int8=True)
+    )
+    pairs = fast.pair_ids(QUESTION, TINY_PASSAGES)
+    with torch.no_grad():
+        exact, approx = reranker.logits(pairs).numpy(), fast.logits(pairs).numpy()
+    assert fast._int8 is not None and fast._int8[1] is not reranker.model  # a quantised copy scored
+    assert np.ptp(exact) > 1.0  # logits that differ, so closeness means something
+    np.testing.assert_allclose(approx, exact, atol=0.25 * np.ptp(exact))
+    assert not np.array_equal(approx, exact)
+    linears = [m for m in reranker.model.modules() if type(m) is torch.nn.Linear]
+    assert linears  # the float model is left as it was
+    fast.model.train()  # training scores with the float model, with gradients
+    assert fast.logits(pairs).requires_grad
+    fast.model.eval()
+    with pytest.raises(RagConfigError, match="int8"):
+        RerankerSpeedOptions(int8="yes")
+
+
+def test_first_stage_weight_blends_the_two_orders(tmp_path):
+    from modeling_rag import RagConfig
+
+    reranker = adapter_reranker(tmp_path, "segment_cosine")
+    logits = reranker.score_logits([QUESTION], [TINY_PASSAGES])[0].astype(np.float64)
+    first_stage = list(np.argsort(logits))  # the first stage has them worst first
+    retrieved = candidates(first_stage)
+    first_scores = retrieved.doc_scores[0].astype(np.float64)
+    n = len(first_stage)
+    alone = reranker.rerank([QUESTION], retrieved, n_docs=n)
+    assert alone.row_ids[0].tolist() == first_stage[::-1]
+    assert reranker.rerank([QUESTION], retrieved, n_docs=n, first_stage_weight=1e6).row_ids[0].tolist() == first_stage
+    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
+    by_position = z(logits[first_stage]) + 1.0 * z(first_scores)
+    blended = reranker.rerank([QUESTION], retrieved, n_docs=n, first_stage_weight=1.0)
+    assert blended.row_ids[0].tolist() == [first_stage[j] for j in np.argsort(-by_position, kind="stable")]
+    # the scores stay the reranker's relevance, whatever the order
+    np.testing.assert_allclose(blended.doc_scores[0], 1 / (1 + np.exp(-logits[blended.row_ids[0]])), rtol=1e-4)
+    for bad in (-0.5, "1", True):
+        with pytest.raises(RagConfigError, match="rerank_first_stage_weight"):
+            RagConfig(rerank_first_stage_weight=bad)

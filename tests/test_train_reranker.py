@@ -67,7 +67,8 @@ def test_mined_negatives_are_never_gold_nor_hold_an_answer(setup):
             assert neg["id"] != gold and answer.lower() not in neg["text"].lower()
 
 
-def test_training_saves_an_adapter_and_the_model_with_it(setup, tmp_path):
+@pytest.mark.parametrize("head", ["segment_cosine", "sequence_classification"])
+def test_training_saves_an_adapter_and_the_model_with_it(setup, tmp_path, head):
     script = _script()
     out = tmp_path / "out"
     result = script.main(
@@ -93,11 +94,14 @@ def test_training_saves_an_adapter_and_the_model_with_it(setup, tmp_path):
             "2",
             "--learning-rate",
             "1e-2",
+            "--head",
+            head,
         ]
     )
     assert "reranked_top_1" in json.dumps(result["history"])
     files = set(os.listdir(out / RERANKER_DIR))
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    assert ("head.safetensors" in files) == (head == "segment_cosine")
     assert json.loads((out / RERANKER_DIR / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         setup / "base"
     )

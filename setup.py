@@ -61,6 +61,9 @@ setup(
             "readers_data/*/*.json",
             "readers_data/*/*.safetensors",
             "readers_data/*/*.md",
+            "rerankers_data/*/*.json",
+            "rerankers_data/*/*.safetensors",
+            "rerankers_data/*/*.md",
         ]
     },
     install_requires=INSTALL_REQUIRES,

@@ -44,7 +44,7 @@ import torch
 from .constants import RERANKER_CONFIG_NAME, RERANKER_FORMAT_VERSION
 from .corpus import passage_text
 from .errors import RagConfigError, RagInputError
-from .utils.atomic import atomic_write_text
+from .utils.atomic import atomic_write_bytes, atomic_write_text
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 HEAD_FILE = "head.safetensors"  # the segment-cosine head's scale and bias
@@ -72,15 +72,17 @@ class RerankerSpeedOptions:
         cache_size: Passages whose token ids are kept (least recently used ones are dropped).
         question_max_length: Question tokens read (the rest of `max_length` is the passage's).
         int8: Score on the CPU with the linear layers quantised to int8 (dynamic quantisation): about 2x
-            faster on a small CPU, scores move by ~1e-2. The int8 copy is made from the float model at
-            the first scoring and kept (a new `model` gets a new copy; weights changed in place do not);
-            never used while the model trains or when it is on an accelerator.
+            faster on a small CPU (what keeps the default retrieval inside ~150 ms per question, see
+            docs/benchmarks.md), logits move by ~1e-2 of their spread. The int8 copy is made from the float
+            model at the first scoring and kept (a new `model` gets a new copy; weights changed in place
+            do not: pass ``int8=False`` while training); never used while the model is in training mode
+            or on an accelerator. ``False`` scores with the float weights.
     """
 
     batch_size: int = 64
     cache_size: int = 100_000
     question_max_length: int = 64
-    int8: bool = False
+    int8: bool = True
 
     def __post_init__(self) -> None:
         for field in ("batch_size", "cache_size", "question_max_length"):
@@ -374,7 +376,7 @@ class CrossEncoderReranker:
     # ------------------------------------------------------------------ persistence
     def save(self, folder: str | os.PathLike) -> None:
         """Writes the reranker into `folder`: its config, tokenizer and adapter (or whole model)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -382,15 +384,11 @@ class CrossEncoderReranker:
         head = head_of(self.model)
         if self.adapter_files is not None:
             for name, data in self.adapter_files.items():
-                tmp = folder / f".{name}.tmp"
-                tmp.write_bytes(data)
-                os.replace(tmp, folder / name)
+                atomic_write_bytes(folder / name, data)
         else:
             (self.model.encoder if head == "segment_cosine" else self.model).save_pretrained(folder)
             if head == "segment_cosine":
-                tmp = folder / f".{HEAD_FILE}.tmp"
-                save_file(self.model.head_state(), str(tmp))
-                os.replace(tmp, folder / HEAD_FILE)
+                atomic_write_bytes(folder / HEAD_FILE, save(self.model.head_state()))
         config = {
             "format_version": RERANKER_FORMAT_VERSION,
             "kind": "adapter" if self.adapter_files is not None else "model",

@@ -180,9 +180,9 @@ def _add_model_args(model) -> None:
         "default: config.n_candidates.",
     )
     model.add_argument(
-        "--reranker-int8",
+        "--reranker-float",
         action="store_true",
-        help="Score with the reranker's linear layers quantised to int8 (RerankerSpeedOptions.int8; CPU only).",
+        help="Score with the reranker's float weights, not the default int8 copy (RerankerSpeedOptions.int8=False).",
     )
     model.add_argument(
         "--rerank-first-stage-weight",
@@ -458,10 +458,10 @@ def prepare_retriever(
             from modeling_rag.reranker import CrossEncoderReranker
 
             model.set_reranker(CrossEncoderReranker.load(args.reranker))
-    if args.reranker_int8 and model.reranker is not None:
+    if args.reranker_float and model.reranker is not None:
         import dataclasses
 
-        model.reranker.speed = dataclasses.replace(model.reranker.speed, int8=True)
+        model.reranker.speed = dataclasses.replace(model.reranker.speed, int8=False)
     model.config.validate_rag()
     index = retriever.index
     facts = {

@@ -80,6 +80,12 @@ def get_parser():
         default=1e-2,
         help="Learning rate of the segment_cosine head's scale and bias (the LoRA weights use --learning-rate).",
     )
+    g.add_argument(
+        "--init-reranker",
+        default=None,
+        help="Continue training a saved adapter reranker (a folder written by this script, same --head and "
+        "base): its LoRA weights and head are the starting point instead of a fresh adapter.",
+    )
     g.add_argument("--max-length", type=int, default=256, help="Tokens of one (question, passage) pair.")
     g.add_argument("--negatives-per-question", type=int, default=3, help="Mined negatives per training question.")
     g.add_argument("--mining-top-k", type=int, default=20, help="First-stage depth that negatives are drawn from.")
@@ -222,11 +228,46 @@ def build_cross_encoder(args):
     tokenizer = AutoTokenizer.from_pretrained(path)
     targets = [t.strip() for t in str(args.lora_target_modules).split(",") if t.strip()]
     lora = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets)
+    if args.init_reranker:
+        return _continue_from(args, path), tokenizer
     if args.head == "segment_cosine":
         encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
         return SegmentCosineScorer(get_peft_model(encoder, LoraConfig(**lora))), tokenizer
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     return get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, **lora)), tokenizer
+
+
+def _continue_from(args, base_path):
+    """The trainable model of a saved adapter reranker (``--init-reranker``): its LoRA weights and head."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from modeling_rag.constants import RERANKER_CONFIG_NAME
+    from modeling_rag.reranker import HEAD_FILE, SegmentCosineScorer
+
+    folder = args.init_reranker
+    config_path = os.path.join(folder, RERANKER_CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise RagConfigError(
+            f"--init-reranker {folder} has no {RERANKER_CONFIG_NAME}; give a folder this script saved."
+        )
+    with open(config_path, encoding="utf-8") as f:
+        saved = json.load(f)
+    if saved.get("kind") != "adapter" or saved.get("head", "sequence_classification") != args.head:
+        raise RagConfigError(
+            f"--init-reranker {folder} is a {saved.get('kind')!r} reranker with head {saved.get('head')!r}; "
+            f"continuing needs an adapter with head {args.head!r} (set --head to match)."
+        )
+    if args.head == "segment_cosine":
+        encoder = PeftModel.from_pretrained(
+            AutoModel.from_pretrained(base_path, add_pooling_layer=False), folder, is_trainable=True
+        )
+        scorer = SegmentCosineScorer(encoder)
+        scorer.load_head_state(load_file(os.path.join(folder, HEAD_FILE)), os.path.join(folder, HEAD_FILE))
+        return scorer
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1)
+    return PeftModel.from_pretrained(base, folder, is_trainable=True)
 
 
 def main(argv=None) -> dict:
@@ -239,7 +280,7 @@ def main(argv=None) -> dict:
     seed_everything(args.seed)
     t_start = time.time()
 
-    from modeling_rag.reranker import CrossEncoderReranker
+    from modeling_rag.reranker import CrossEncoderReranker, RerankerSpeedOptions
 
     first_stage = FirstStage(args)
     train = load_training_examples(args.train_file)
@@ -258,7 +299,10 @@ def main(argv=None) -> dict:
         ]
 
     peft_model, tokenizer = build_cross_encoder(args)
-    reranker = CrossEncoderReranker(peft_model, tokenizer, max_length=args.max_length)
+    # float scoring in validation: the weights change in place between evaluations (no stale int8 copy)
+    reranker = CrossEncoderReranker(
+        peft_model, tokenizer, max_length=args.max_length, speed=RerankerSpeedOptions(int8=False)
+    )
     trainable = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     if accelerator.is_main_process:
         logger.info(

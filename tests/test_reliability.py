@@ -559,3 +559,16 @@ def test_load_index_false_loads_a_model_whose_index_is_gone(saved_tiny, tmp_path
     _rmtree(folder / "index")
     loaded = RagForGeneration.from_pretrained(folder, load_index=False)
     assert loaded.retriever is None and loaded.tokenizer is not None
+
+
+def test_atomic_writes_give_files_the_usual_mode_not_owner_only(tmp_path):
+    import stat
+
+    from modeling_rag.utils.atomic import atomic_write_bytes, atomic_write_text
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write_text(tmp_path / "config.json", "{}\n")
+    atomic_write_bytes(tmp_path / "weights.bin", b"\x00")
+    for name in ("config.json", "weights.bin"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask  # others can read a shared model

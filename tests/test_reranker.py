@@ -29,7 +29,9 @@ def tiny_cross_encoder(tok, seed=0):
 @pytest.fixture
 def reranker():
     tok = build_tiny_tokenizer()
-    return CrossEncoderReranker(tiny_cross_encoder(tok), tok, max_length=64, speed=RerankerSpeedOptions(batch_size=4))
+    return CrossEncoderReranker(
+        tiny_cross_encoder(tok), tok, max_length=64, speed=RerankerSpeedOptions(batch_size=4, int8=False)
+    )
 
 
 def single_pair_logit(model, tok, question, passage, max_length=64):
@@ -72,7 +74,7 @@ def test_batching_and_the_token_cache_do_not_change_scores(reranker):
     plists = [TINY_PASSAGES, TINY_PASSAGES[:3]]
     first = reranker.score([QUESTION, "Who was Rollo?"], plists)
     assert len(reranker._cache) == len(TINY_PASSAGES)  # each passage tokenised once
-    reranker.speed = RerankerSpeedOptions(batch_size=1)
+    reranker.speed = RerankerSpeedOptions(batch_size=1, int8=False)
     again = reranker.score([QUESTION, "Who was Rollo?"], plists)
     for a, b in zip(first, again):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -129,7 +131,7 @@ def test_segment_cosine_logit_is_the_scaled_cosine_of_the_segment_means():
     torch.manual_seed(0)
     encoder = BertModel(tiny_question_encoder_config(tok), add_pooling_layer=False).eval()
     scorer = SegmentCosineScorer(encoder, scale=7.0, bias=-2.0).eval()
-    reranker = CrossEncoderReranker(scorer, tok, max_length=64, speed=RerankerSpeedOptions(batch_size=3))
+    reranker = CrossEncoderReranker(scorer, tok, max_length=64, speed=RerankerSpeedOptions(batch_size=3, int8=False))
     scores = reranker.score([QUESTION], [TINY_PASSAGES])[0]
     expected = []
     for ids, types in reranker.pair_ids(QUESTION, TINY_PASSAGES):
@@ -160,7 +162,7 @@ def test_a_broken_cosine_head_is_refused_at_load(tmp_path):
 
 def test_whole_model_save_load(reranker, tmp_path):
     reranker.save(tmp_path / "rr")
-    loaded = CrossEncoderReranker.load(tmp_path / "rr")
+    loaded = CrossEncoderReranker.load(tmp_path / "rr", speed=RerankerSpeedOptions(int8=False))
     np.testing.assert_allclose(
         loaded.score([QUESTION], [TINY_PASSAGES])[0], reranker.score([QUESTION], [TINY_PASSAGES])[0], rtol=1e-5
     )
@@ -291,6 +293,7 @@ def test_the_reranker_travels_over_the_hub(tmp_path, hub_token, fresh_hf_cache, 
 
 def test_int8_scoring_stays_close_and_leaves_the_float_model(tmp_path):
     reranker = adapter_reranker(tmp_path, "segment_cosine")
+    reranker.speed = RerankerSpeedOptions(int8=False)
     fast = CrossEncoderReranker(
         reranker.model, reranker.tokenizer, max_length=64, speed=RerankerSpeedOptions(int8=True)
     )
@@ -331,3 +334,49 @@ def test_first_stage_weight_blends_the_two_orders(tmp_path):
     for bad in (-0.5, "1", True):
         with pytest.raises(RagConfigError, match="rerank_first_stage_weight"):
             RagConfig(rerank_first_stage_weight=bad)
+
+
+def test_building_from_checkpoints_attaches_a_reranker_with_its_settings(tmp_path, monkeypatch):
+    from conftest import tiny_generator_config
+    from transformers import AutoModelForCausalLM, BertModel
+
+    from modeling_rag import RagForGeneration
+    from modeling_rag import reranker as reranker_module
+
+    tok = build_tiny_tokenizer()
+    BertModel(tiny_question_encoder_config(tok)).save_pretrained(tmp_path / "qe")
+    tok.save_pretrained(tmp_path / "qe")
+    AutoModelForCausalLM.from_config(tiny_generator_config("llama", tok)).save_pretrained(tmp_path / "gen")
+    tok.save_pretrained(tmp_path / "gen")
+    trained = adapter_reranker(tmp_path, "segment_cosine")
+    trained.settings = {"n_candidates": 7, "rerank_first_stage_weight": 0.5}
+    trained.save(tmp_path / "rr")
+    assert json.loads((tmp_path / "rr" / "reranker_config.json").read_text())["settings"]["n_candidates"] == 7
+    build = RagForGeneration.from_pretrained_question_encoder_generator
+    kwargs = dict(use_chat_template=False, n_docs=2)
+    model = build(str(tmp_path / "qe"), str(tmp_path / "gen"), reranker=str(tmp_path / "rr"), **kwargs)
+    assert isinstance(model.reranker.model, SegmentCosineScorer)
+    assert (model.config.n_candidates, model.config.rerank_first_stage_weight) == (7, 0.5)
+    mine = build(str(tmp_path / "qe"), str(tmp_path / "gen"), reranker=str(tmp_path / "rr"), n_candidates=4, n_docs=2)
+    assert mine.config.n_candidates == 4  # the caller's setting wins over the reranker's
+    # "auto" attaches the shipped reranker only when the question encoder is the default one
+    monkeypatch.setattr(reranker_module, "shipped_reranker_path", lambda name: str(tmp_path / "rr"))
+    assert build(str(tmp_path / "qe"), str(tmp_path / "gen"), **kwargs).reranker is None
+    from modeling_rag.assets import default_question_encoder_path
+
+    minilm = default_question_encoder_path()
+    assert build(minilm, str(tmp_path / "gen"), **kwargs).config.n_candidates == 7
+    assert build(minilm, str(tmp_path / "gen"), reranker=None, **kwargs).reranker is None
+    (tmp_path / "rr" / "reranker_config.json").write_text(
+        json.dumps(dict(json.loads((tmp_path / "rr" / "reranker_config.json").read_text()), settings={"top_k": 3}))
+    )
+    with pytest.raises(RagConfigError, match="settings"):
+        CrossEncoderReranker.load(tmp_path / "rr")
+
+
+def test_is_default_question_encoder():
+    from modeling_rag.assets import default_question_encoder_path, is_default_question_encoder
+
+    assert is_default_question_encoder("default") and is_default_question_encoder("all-MiniLM-L6-v2")
+    assert is_default_question_encoder(default_question_encoder_path())
+    assert not is_default_question_encoder("sentence-transformers/other-model")

@@ -116,6 +116,23 @@ def test_training_saves_an_adapter_and_the_model_with_it(setup, tmp_path, head):
         model.encode_questions(**model.tokenize_questions([q])).detach().numpy(), model.config.n_candidates, [q]
     )
     assert model.retrieve([q]).row_ids.tolist() == alone.rerank([q], first, model.config.n_docs).row_ids.tolist()
+    # --init-reranker continues from the saved adapter and head: the first step starts where training ended
+    more = script.main(
+        [
+            "--model", str(setup / "model"), "--reranker-base", str(setup / "base"),
+            "--train-file", str(setup / "train.jsonl"), "--output-dir", str(tmp_path / "more"), "--cpu",
+            "--batch-size", "2", "--max-train-steps", "1", "--max-length", "48", "--lora-r", "2",
+            "--learning-rate", "1e-12", "--head-learning-rate", "1e-12", "--head", head,
+            "--init-reranker", str(out / RERANKER_DIR),
+        ]
+    )  # fmt: skip
+    assert more["history"]
+    continued = CrossEncoderReranker.load(tmp_path / "more" / RERANKER_DIR)
+    import numpy as np
+
+    np.testing.assert_allclose(
+        continued.score([q], [TINY_PASSAGES])[0], alone.score([q], [TINY_PASSAGES])[0], rtol=1e-4, atol=1e-6
+    )
 
 
 def test_first_stage_built_from_a_corpus(setup):

@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 JOURNAL_NAME = ".modeling_rag_incomplete"
 STAGING_PREFIX = ".staging-"
 BACKUP_PREFIX = ".backup-"
+# mkstemp creates files readable by their owner only; a saved model is meant to be shared, so written
+# files get the mode a plain open() would give them (read once, at import, while no thread writes)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -42,6 +46,7 @@ def atomic_open(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

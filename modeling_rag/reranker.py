@@ -157,6 +157,20 @@ def shipped_reranker_path(question_encoder: str) -> str | None:
     return str(folder) if (folder / RERANKER_CONFIG_NAME).is_file() else None
 
 
+def encoder_without_pooler(path: str) -> torch.nn.Module:
+    """`AutoModel` of `path` for the segment-cosine head, its pooler dropped (the head reads token states).
+
+    Loaded whole and then dropped, rather than built without a pooler, so that a checkpoint holding pooler
+    weights (all-MiniLM-L6-v2 does) loads without a report of unexpected weights.
+    """
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(path)
+    if hasattr(model, "pooler"):
+        model.pooler = None
+    return model
+
+
 def head_of(model: torch.nn.Module) -> str:
     """The `RERANKER_HEADS` name of a scoring model."""
     return getattr(model, "head", "sequence_classification")
@@ -432,7 +446,7 @@ class CrossEncoderReranker:
     @classmethod
     def load(cls, folder: str | os.PathLike, *, speed: RerankerSpeedOptions | None = None) -> CrossEncoderReranker:
         """Opens a folder written by `save`; a missing tokenizer, config or weights file raises `RagConfigError`."""
-        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         folder = Path(folder)
         config_path = folder / RERANKER_CONFIG_NAME
@@ -461,7 +475,7 @@ class CrossEncoderReranker:
 
         def build(path):
             if cosine:
-                return AutoModel.from_pretrained(path, add_pooling_layer=False)
+                return encoder_without_pooler(path)
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -477,7 +491,14 @@ class CrossEncoderReranker:
             base_name = config.get("base_model")
             if not isinstance(base_name, str) or not base_name:
                 raise RagConfigError(f"{config_path}: an adapter reranker needs 'base_model' (the model it adapts).")
-            model = PeftModel.from_pretrained(build(resolve_model(base_name, "question_encoder")), folder)
+            import warnings
+
+            from .library_output import LIBRARY_DEPRECATIONS
+
+            with warnings.catch_warnings():  # peft's own deprecated call, not the user's to act on
+                for category, message in LIBRARY_DEPRECATIONS:
+                    warnings.filterwarnings("ignore", message=message, category=category)
+                model = PeftModel.from_pretrained(build(resolve_model(base_name, "question_encoder")), folder)
             model = model.merge_and_unload()
             files = {name: (folder / name).read_bytes() for name in (*ADAPTER_FILES, *([HEAD_FILE] if cosine else []))}
         elif kind == "model":

@@ -219,10 +219,10 @@ def ranking_metrics(ranked_ids: list[list[str]], gold: list[list[str]], ks=(1, 5
 def build_cross_encoder(args):
     """The model to train (LoRA over the base encoder, plus its head) and its tokenizer."""
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from modeling_rag.assets import resolve_model
-    from modeling_rag.reranker import SegmentCosineScorer
+    from modeling_rag.reranker import SegmentCosineScorer, encoder_without_pooler
 
     path = resolve_model(args.reranker_base, "question_encoder")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -231,8 +231,7 @@ def build_cross_encoder(args):
     if args.init_reranker:
         return _continue_from(args, path), tokenizer
     if args.head == "segment_cosine":
-        encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
-        return SegmentCosineScorer(get_peft_model(encoder, LoraConfig(**lora))), tokenizer
+        return SegmentCosineScorer(get_peft_model(encoder_without_pooler(path), LoraConfig(**lora))), tokenizer
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     return get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, **lora)), tokenizer
 
@@ -241,10 +240,10 @@ def _continue_from(args, base_path):
     """The trainable model of a saved adapter reranker (``--init-reranker``): its LoRA weights and head."""
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     from modeling_rag.constants import RERANKER_CONFIG_NAME
-    from modeling_rag.reranker import HEAD_FILE, SegmentCosineScorer
+    from modeling_rag.reranker import HEAD_FILE, SegmentCosineScorer, encoder_without_pooler
 
     folder = args.init_reranker
     config_path = os.path.join(folder, RERANKER_CONFIG_NAME)
@@ -260,9 +259,7 @@ def _continue_from(args, base_path):
             f"continuing needs an adapter with head {args.head!r} (set --head to match)."
         )
     if args.head == "segment_cosine":
-        encoder = PeftModel.from_pretrained(
-            AutoModel.from_pretrained(base_path, add_pooling_layer=False), folder, is_trainable=True
-        )
+        encoder = PeftModel.from_pretrained(encoder_without_pooler(base_path), folder, is_trainable=True)
         scorer = SegmentCosineScorer(encoder)
         scorer.load_head_state(load_file(os.path.join(folder, HEAD_FILE)), os.path.join(folder, HEAD_FILE))
         return scorer

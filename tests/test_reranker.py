@@ -380,3 +380,21 @@ def test_is_default_question_encoder():
     assert is_default_question_encoder("default") and is_default_question_encoder("all-MiniLM-L6-v2")
     assert is_default_question_encoder(default_question_encoder_path())
     assert not is_default_question_encoder("sentence-transformers/other-model")
+
+
+def test_the_shipped_reranker_loads_and_prefers_the_passage_that_answers():
+    from modeling_rag.reranker import shipped_reranker_path
+
+    folder = shipped_reranker_path("all-MiniLM-L6-v2")
+    assert folder is not None and shipped_reranker_path("some-other-encoder") is None
+    shipped = CrossEncoderReranker.load(folder)
+    assert isinstance(shipped.model, SegmentCosineScorer) and shipped.base_model == "all-MiniLM-L6-v2"
+    assert shipped.settings == {"n_candidates": 10, "rerank_first_stage_weight": 0.5}
+    assert os.path.getsize(os.path.join(folder, "adapter_model.safetensors")) < 5_000_000  # an adapter, not a copy
+    passages = [
+        "Oxygen is a chemical element with symbol O and atomic number 8.",
+        "Nikola Tesla was a Serbian-American inventor best known for the alternating current electricity system.",
+        "The Normans were descended from Norse raiders who settled in Normandy.",
+    ]
+    scores = shipped.score(["Which electricity system is Tesla known for?"], [passages])[0]
+    assert int(np.argmax(scores)) == 1 and scores[1] > 0.5 > max(scores[0], scores[2])

@@ -348,10 +348,7 @@ class CrossEncoderReranker:
 
     def score(self, questions: Sequence[str], passages: Sequence[Sequence[dict | str]]) -> list[np.ndarray]:
         """The relevance (sigmoid of the logit, in (0, 1)) of each passage for its question, one array per question."""
-        return [
-            (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
-            for x in self.score_logits(questions, passages)
-        ]
+        return [_sigmoid(x) for x in self.score_logits(questions, passages)]
 
     def rerank(self, questions: Sequence[str], retrieved: Any, n_docs: int, first_stage_weight: float = 0.0) -> Any:
         """Reorders a `RetrievalOutput` of candidates by relevance and keeps the best `n_docs` of each question.
@@ -361,7 +358,7 @@ class CrossEncoderReranker:
         The returned `RetrievalOutput` has the relevance as `doc_scores`; its `row_ids`, `passages` and
         `doc_embeddings` follow the new order. Ties keep the first stage's order.
         """
-        from .retrieval_rag import RetrievalOutput
+        from .retrieval_rag import RetrievalOutput, normalize_scores
 
         if isinstance(n_docs, bool) or not isinstance(n_docs, (int, np.integer)) or n_docs < 1:
             raise RagInputError(f"n_docs must be a positive integer, got {n_docs!r}.")
@@ -369,11 +366,11 @@ class CrossEncoderReranker:
         k = min(int(n_docs), retrieved.row_ids.shape[1])
         rows, out_scores, out_passages, embeddings = [], [], [], []
         for b, logits in enumerate(all_logits):
-            s = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+            s = _sigmoid(logits)
             key = logits
             if first_stage_weight:
                 first = np.asarray(retrieved.doc_scores[b], dtype=np.float64)
-                key = _zscore(logits) + float(first_stage_weight) * _zscore(first)
+                key = normalize_scores(logits) + float(first_stage_weight) * normalize_scores(first)
             order = np.argsort(-key, kind="stable")[:k]
             rows.append(retrieved.row_ids[b][order])
             out_scores.append(s[order])
@@ -536,10 +533,8 @@ def _check_settings(settings: Any, where: str) -> dict[str, Any]:
     return dict(settings)
 
 
-def _zscore(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    spread = x.std()
-    return (x - x.mean()) / spread if spread > 0 else np.zeros_like(x)
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
 
 
 def _portable_adapter_config(data: bytes, base_model: str) -> bytes:

@@ -79,7 +79,7 @@ def _check_settings(
         raise RagConfigError(f"fusion_depth must be a positive integer, got {depth!r}.")
 
 
-def _normalize(scores: np.ndarray, how: str) -> np.ndarray:
+def normalize_scores(scores: np.ndarray, how: str = "zscore") -> np.ndarray:
     """One query's scores on a common scale: z-scores, or min-max to [0, 1]; all equal -> zeros."""
     x = scores.astype(np.float64)
     if how == "minmax":
@@ -256,8 +256,8 @@ class RagRetriever:
                 b_part = [1.0 / (self.rrf_k + r + 1) for r in range(len(b_ids[b]))]
                 d_floor = b_floor = 0.0
             else:
-                d_norm = _normalize(d_scores[b], self.fusion_normalization)
-                b_norm = _normalize(b_scores[b], self.fusion_normalization)
+                d_norm = normalize_scores(d_scores[b], self.fusion_normalization)
+                b_norm = normalize_scores(b_scores[b], self.fusion_normalization)
                 d_part = (self.hybrid_alpha * d_norm).tolist()
                 b_part = ((1.0 - self.hybrid_alpha) * b_norm).tolist()
                 # a passage one side did not return scores at most that side's lowest in the pool

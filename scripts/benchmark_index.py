@@ -33,6 +33,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -227,6 +228,28 @@ def rss_bytes() -> dict[str, int]:
     return out
 
 
+class AnonPeak:
+    """The highest RssAnon (memory the process holds, not mapped files) seen while the block runs, sampled."""
+
+    def __init__(self, every_s: float = 0.2) -> None:
+        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, rss_bytes()["RssAnon"])
+
+    def __enter__(self) -> AnonPeak:
+        self.peak = rss_bytes()["RssAnon"]
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes()["RssAnon"])
+
+
 def measure_load(folder: str, queries_path: str, truth_path: str, k: int) -> dict:
     """Runs in a fresh process: load (mmap), RSS, latency and recall; returns the numbers."""
     from modeling_rag.index import PassageIndex
@@ -269,6 +292,9 @@ def measure_load(folder: str, queries_path: str, truth_path: str, k: int) -> dic
         "rss_after_load": after["VmRSS"],
         "rss_anon_after_load": after["RssAnon"],
         "rss_after_search": rss_bytes()["VmRSS"],
+        # mapped files count in VmRSS once touched (the kernel maps whole page-cache folios), but those pages
+        # are the page cache's, dropped under memory pressure; RssAnon is what the process itself holds
+        "rss_anon_after_search": rss_bytes()["RssAnon"],
         "peak_rss": rss_bytes()["VmHWM"],
         "single_latency_s": statistics.median(singles),
         "batch32_latency_s": statistics.median(batches),
@@ -382,15 +408,16 @@ def scale_main(args: argparse.Namespace) -> None:
             gc.collect()
             peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             t0 = time.perf_counter()
-            index = PassageIndex.build_streaming(
-                folder,
-                scale_batches(n, args.dim, args.clusters, pool),
-                total=n,
-                dim=args.dim,
-                kind=kind,
-                normalized=True,
-                show_progress=False,
-            )
+            with AnonPeak() as anon_peak:
+                index = PassageIndex.build_streaming(
+                    folder,
+                    scale_batches(n, args.dim, args.clusters, pool),
+                    total=n,
+                    dim=args.dim,
+                    kind=kind,
+                    normalized=True,
+                    show_progress=False,
+                )
             build_s = time.perf_counter() - t0
             del index
             gc.collect()
@@ -405,6 +432,7 @@ def scale_main(args: argparse.Namespace) -> None:
                 "kind": kind,
                 "build_s": build_s,
                 "build_peak_rss": max(build_peak, peak_before),
+                "build_peak_rss_anon": anon_peak.peak,
                 "exact_truth_s": truth_s,
                 "files": files,
                 "disk_bytes": sum(files.values()),
@@ -421,7 +449,8 @@ def scale_main(args: argparse.Namespace) -> None:
                 + f"  disk/(faiss+text) {row['disk_vs_faiss_plus_text']:.2f}"
                 f"  first load {first['load_s']:.2f}s  warm load {warm['load_s']:.3f}s"
                 f"  RSS after load {warm['rss_after_load'] / 2**20:.0f} MiB (anon {warm['rss_anon_after_load'] / 2**20:.0f})"
-                f"  after search {warm['rss_after_search'] / 2**20:.0f} MiB"
+                f"  after search {warm['rss_after_search'] / 2**20:.0f} MiB (anon {warm['rss_anon_after_search'] / 2**20:.0f})"
+                f"  build peak anon {row['build_peak_rss_anon'] / 2**20:.0f} MiB"
                 f"  search 1q {warm['single_latency_s'] * 1e3:.1f} ms  32q {warm['batch32_latency_s'] * 1e3:.1f} ms"
                 f"  recall@{args.k} {warm['recall_at_10']:.3f}",
                 flush=True,

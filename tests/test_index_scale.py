@@ -17,6 +17,7 @@ import pytest
 import modeling_rag.index.folder as index_folder
 from modeling_rag.constants import (
     EMBEDDINGS_NAME,
+    EXACT_VECTORS_NAME,
     FAISS_INDEX_NAME,
     INDEX_CONFIG_NAME,
     LEGACY_PASSAGES_NAME,
@@ -24,6 +25,7 @@ from modeling_rag.constants import (
 )
 from modeling_rag.errors import IndexIntegrityError, RagInputError
 from modeling_rag.index import PassageIndex, resolve_kind
+from modeling_rag.index.npy_files import NpyAppender, map_npy
 
 DIM = 16
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,6 +171,43 @@ def test_vectors_live_only_in_faiss_and_reconstruct_exactly(tmp_path, kind):
             loaded.get_embeddings([3])
     size = (tmp_path / "ix" / FAISS_INDEX_NAME).stat().st_size
     assert size < 1.2 * 400 * DIM * 4 + 200_000  # one copy of the vectors
+
+
+def test_streamed_ivf_pq_exact_vectors_are_a_plain_npy_mapped_read_only(tmp_path):
+    x = vectors(600, seed=3)
+    batches = _batches(x, plain_passages(600), 250)
+    PassageIndex.build_streaming(tmp_path / "ix", batches, total=600, dim=DIM, kind="ivf_pq", nlist=8, m=4)
+    on_disk = np.load(tmp_path / "ix" / EXACT_VECTORS_NAME, allow_pickle=False)
+    np.testing.assert_array_equal(on_disk, x.astype(np.float16))  # written batch by batch, in order
+    mapped = PassageIndex.load(tmp_path / "ix", mmap=True)
+    np.testing.assert_allclose(mapped.get_embeddings([0, 599, 250]), x[[0, 599, 250]], atol=1e-3)
+    assert (mapped.search(x[:5], 1)[1][:, 0] == np.arange(5)).all()
+    mapped.add(vectors(2, seed=9), plain_passages(2))  # a mapped index takes an in-memory copy to grow
+    assert mapped.count == 602
+
+
+def test_map_npy_reads_rows_and_refuses_what_is_not_a_plain_array(tmp_path):
+    x = np.arange(24, dtype=np.float16).reshape(6, 4)
+    with_appender = tmp_path / "a.npy"
+    appender = NpyAppender(with_appender, np.float16, (6, 4))
+    appender.append(x[:4])
+    appender.append(x[4:])
+    appender.close()
+    assert with_appender.read_bytes()[128:] == x.tobytes()
+    mapped = map_npy(with_appender)
+    np.testing.assert_array_equal(mapped[[5, 0]], x[[5, 0]])
+    assert not mapped.flags.writeable
+    with pytest.raises(ValueError, match="does not fit"):
+        NpyAppender(tmp_path / "b.npy", np.float16, (2, 4)).append(x[:3])
+    np.save(tmp_path / "f.npy", np.asfortranarray(np.ones((3, 2))))
+    with pytest.raises(ValueError, match="C-ordered"):
+        map_npy(tmp_path / "f.npy")
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        map_npy(tmp_path / "o.npy")  # an object array needs pickle: never read
+    (tmp_path / "t.npy").write_bytes(with_appender.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="header needs"):
+        map_npy(tmp_path / "t.npy")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from .arrays import as_matrix, embeddings_normalized
 from .config import check_exact_vectors, config_dict, write_config
 from .folder import write_folder_atomically
 from .kinds import ADD_BATCH, IVF_KINDS, METRICS, default_kind_params, make_faiss_index, resolve_kind, train_size
+from .npy_files import NpyAppender
 from .passage_store import PassageStoreWriter, clean_passage, passages_to_table
 
 logger = logging.getLogger(__name__)
@@ -111,18 +112,18 @@ def build_streaming_into(
     index = make_faiss_index(resolved, dim, metric, params)
 
     def write(tmp: Path) -> None:
-        exact = None
-        if exact_dtype:
-            exact = np.lib.format.open_memmap(tmp / EXACT_VECTORS_NAME, "w+", np.float16, (total, dim))
-        with PassageStoreWriter(tmp / PASSAGES_NAME) as store:
-            count = _add_batches(
-                index, store, exact, batches, total=total, dim=dim, n_train=n_train, show=show_progress
-            )
+        # written in order with plain writes (a writable memmap would keep every page resident)
+        exact = NpyAppender(tmp / EXACT_VECTORS_NAME, np.float16, (total, dim)) if exact_dtype else None
+        try:
+            with PassageStoreWriter(tmp / PASSAGES_NAME) as store:
+                count = _add_batches(
+                    index, store, exact, batches, total=total, dim=dim, n_train=n_train, show=show_progress
+                )
+        finally:
+            if exact is not None:
+                exact.close()
         if count != total:
             raise RagInputError(f"The batches held {count} passages, not total={total}.")
-        if exact is not None:
-            exact.flush()
-            del exact
         faiss.write_index(index, str(tmp / FAISS_INDEX_NAME))
         cfg = config_dict(
             dim=dim,
@@ -146,7 +147,7 @@ def build_streaming_into(
 def _add_batches(
     index: faiss.Index,
     store: PassageStoreWriter,
-    exact: np.ndarray | None,
+    exact: NpyAppender | None,
     batches: Iterable[tuple[Any, Sequence[dict[str, Any]]]],
     *,
     total: int,
@@ -170,7 +171,7 @@ def _add_batches(
         ids = np.arange(count, count + len(emb), dtype=np.int64)
         store.write([clean_passage(p, count + i) for i, p in enumerate(passages)], ids)
         if exact is not None:
-            exact[count : count + len(emb)] = emb
+            exact.append(emb)
         if not index.is_trained:
             pending.append((emb, ids))
             if sum(len(e) for e, _ in pending) >= n_train:

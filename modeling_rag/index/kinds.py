@@ -55,9 +55,11 @@ DEFAULT_MEMORY_BUDGET_BYTES = 4 << 30
 # Default parameters per kind; nlist / m / nbits are derived from the corpus size and dimension.
 DEFAULT_HNSW_PARAMS = {"M": 32, "ef_construction": 80, "ef_search": 128}
 DEFAULT_IVF_NPROBE = 32
-# re-score refine_factor * k PQ candidates exactly; scripts/benchmark_index.py --scale at 300k (nlist 1095):
-# recall@10 0.88 at 8, 0.98 at 16, 1.00 at 32 (the 1M run at 8 gave 0.74)
-DEFAULT_PQ_REFINE_FACTOR = 32
+# re-score refine_factor * k PQ candidates exactly. The codes rank worse as the corpus grows (more close
+# neighbours per code), so the depth is set for millions: recall@10 at 32 / 64 / 128 / 256 was 0.82 / 0.93 /
+# 0.985 / 0.998 at 5M (1M at 32: 0.968; 300k at 32: 1.00); 128 costs ~25% of a batch's search time over 32
+# (docs/benchmarks.md, "Corpora of millions of passages").
+DEFAULT_PQ_REFINE_FACTOR = 128
 KIND_PARAM_NAMES = {
     "flat": (),
     "hnsw": ("M", "ef_construction", "ef_search"),

@@ -28,6 +28,7 @@ from ..errors import IndexIntegrityError, IndexMismatchError
 from .config import KNOWN_CONFIG_KEYS, read_config
 from .folder import verify_files
 from .kinds import IVF_KINDS, needs_direct_map, stored_ids
+from .npy_files import map_npy
 from .passage_store import PASSAGE_FIELDS, clean_passage, open_passage_store, passages_to_table, row_ids_of
 from .verification import remember_verified
 
@@ -188,7 +189,7 @@ def _read_exact_vectors(folder: Path, cfg: dict[str, Any], legacy: bool, mmap: b
 
 def _load_npy(folder: Path, name: str, dtype: Any, shape: tuple[int, int], mmap: bool) -> np.ndarray:
     try:
-        arr = np.load(folder / name, allow_pickle=False, mmap_mode="r" if mmap else None)
+        arr = map_npy(folder / name) if mmap else np.load(folder / name, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise IndexIntegrityError(f"{name} in {folder} cannot be read: {exc}") from exc
     if arr.dtype != dtype or arr.shape != shape:

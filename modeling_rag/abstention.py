@@ -12,6 +12,10 @@ per question, whether the answer is supported, from signals that each catch a di
   unanswerable questions leans to the no-answer response when the passages look relevant but do not
   answer, even where it still answers.
 * ``says_no_answer``: the reader's answer is the no-answer response itself.
+* ``reranker_relevance``: the cross-encoder reranker's highest relevance logit over the passages given
+  (`modeling_rag.reranker`; trained with a pointwise loss, so its sigmoid is a relevance probability). It
+  reads each passage with the question, so it can tell a passage about the question's topic from one
+  that answers it. 0 for a model without a reranker.
 
 They are combined by a logistic model into a ``confidence`` in [0, 1], fitted on dev questions with and
 without answers (:func:`fit_abstention`, ``scripts/calibrate_abstention.py``) and stored in
@@ -22,6 +26,8 @@ geometric-mean token probability as its confidence.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import re
 import string
@@ -35,6 +41,8 @@ from transformers import LogitsProcessor
 from .errors import RagConfigError, RagInputError
 from .inputs import answer_ids
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "ABSTENTION_FEATURES",
     "AbstentionCalibration",
@@ -46,10 +54,13 @@ __all__ = [
     "no_answer_first_token",
     "no_answer_sequence_bias",
     "fit_abstention",
+    "reranker_relevance",
     "is_no_answer",
 ]
 
-ABSTENTION_FEATURES = ("max_similarity", "answer_logprob", "no_answer_margin", "says_no_answer")
+ABSTENTION_FEATURES = ("max_similarity", "answer_logprob", "no_answer_margin", "says_no_answer", "reranker_relevance")
+# the features of rules fitted before the reranker's relevance was one (they still load and apply)
+READER_ONLY_FEATURES = ABSTENTION_FEATURES[:4]
 
 
 @dataclass
@@ -57,7 +68,7 @@ class AbstentionCalibration:
     """A fitted abstention rule, stored as a dict in ``RagConfig.abstention``.
 
     Attributes:
-        weights: One weight per feature of `ABSTENTION_FEATURES` (same order), on the raw feature values.
+        weights: One weight per feature of `features` (same order), on the raw feature values.
         bias: The logistic model's intercept.
         threshold: Answers with a confidence below this are replaced by the no-answer response.
         fitted_on: Where the calibration came from (data and counts), for the model card.
@@ -87,14 +98,19 @@ class AbstentionCalibration:
             raise RagConfigError(
                 f"abstention must be a dict (a fitted calibration) or None, got {type(data).__name__}."
             )
+        if "features" not in data and len(data.get("weights") or []) == len(READER_ONLY_FEATURES):
+            data = {**data, "features": list(READER_ONLY_FEATURES)}
         try:
             cal = cls(**data)
         except TypeError as err:
             raise RagConfigError(f"abstention: {err}; expected keys weights, bias, threshold, ...") from None
-        if list(cal.features) != list(ABSTENTION_FEATURES):
-            raise RagConfigError(f"abstention.features must be {list(ABSTENTION_FEATURES)}, got {cal.features}.")
-        if len(cal.weights) != len(ABSTENTION_FEATURES) or not all(math.isfinite(float(w)) for w in cal.weights):
-            raise RagConfigError(f"abstention.weights must be {len(ABSTENTION_FEATURES)} finite numbers.")
+        if list(cal.features) not in (list(ABSTENTION_FEATURES), list(READER_ONLY_FEATURES)):
+            raise RagConfigError(
+                f"abstention.features must be {list(ABSTENTION_FEATURES)} (or, for a rule fitted without the "
+                f"reranker's relevance, {list(READER_ONLY_FEATURES)}), got {cal.features}."
+            )
+        if len(cal.weights) != len(cal.features) or not all(math.isfinite(float(w)) for w in cal.weights):
+            raise RagConfigError(f"abstention.weights must be {len(cal.features)} finite numbers, one per feature.")
         if not 0.0 <= float(cal.threshold) <= 1.0:
             raise RagConfigError(f"abstention.threshold must be between 0 and 1, got {cal.threshold!r}.")
         if not isinstance(cal.no_answer_bias, (int, float)) or not -100.0 <= float(cal.no_answer_bias) <= 0.0:
@@ -106,9 +122,16 @@ class AbstentionCalibration:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def uses_reranker(self) -> bool:
+        """Whether the rule weighs the reranker's relevance (a model without a reranker gives it 0)."""
+        return "reranker_relevance" in self.features and self.weights[self.features.index("reranker_relevance")] != 0
+
     def confidence(self, features: np.ndarray) -> np.ndarray:
-        """`[N, F]` features -> `[N]` confidences in [0, 1]."""
-        z = np.asarray(features, dtype=np.float64) @ np.asarray(self.weights, dtype=np.float64) + float(self.bias)
+        """`[N, len(ABSTENTION_FEATURES)]` features -> `[N]` confidences in [0, 1] (the rule's own columns)."""
+        columns = [ABSTENTION_FEATURES.index(name) for name in self.features]
+        z = np.asarray(features, dtype=np.float64)[:, columns] @ np.asarray(self.weights, dtype=np.float64)
+        z = z + float(self.bias)
         return 1.0 / (1.0 + np.exp(-z))
 
 
@@ -120,6 +143,7 @@ class AnswerSignals:
     answer_logprob: np.ndarray
     no_answer_margin: np.ndarray
     says_no_answer: np.ndarray
+    reranker_relevance: np.ndarray
 
     def matrix(self) -> np.ndarray:
         """`[N, F]` in the order of `ABSTENTION_FEATURES`."""
@@ -130,7 +154,8 @@ class AnswerSignals:
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict]) -> AnswerSignals:
-        return cls(**{name: np.array([float(r[name]) for r in rows]) for name in ABSTENTION_FEATURES})
+        """From `to_rows` dicts; rows written before ``reranker_relevance`` existed read it as 0 (no reranker)."""
+        return cls(**{name: np.array([float(r.get(name, 0.0)) for r in rows]) for name in ABSTENTION_FEATURES})
 
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}’‘“”]")
@@ -261,6 +286,20 @@ def max_similarity(model, questions: Sequence[str], passages, row_ids=None) -> n
     return out
 
 
+@torch.no_grad()
+def reranker_relevance(model, questions: Sequence[str], passages) -> np.ndarray:
+    """The model's reranker's highest relevance logit per question over its passages (0 without a reranker,
+    or for a question given no passages)."""
+    out = np.zeros(len(questions))
+    if getattr(model, "reranker", None) is None:
+        return out
+    given = [i for i, plist in enumerate(passages) if plist]
+    if given:
+        logits = model.reranker.score_logits([questions[i] for i in given], [passages[i] for i in given])
+        out[given] = [float(np.max(x)) for x in logits]
+    return out
+
+
 def abstain_decisions(
     signals: AnswerSignals, calibration: AbstentionCalibration | None, threshold: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -335,6 +374,15 @@ def fit_abstention(
     return cal
 
 
+@functools.lru_cache(maxsize=1)
+def _warn_no_reranker() -> None:
+    logger.warning(
+        "The abstention rule was fitted with the reranker's relevance, but the model has no reranker: its "
+        "confidences are lower than calibrated. Attach the reranker again (model.set_reranker) or refit the "
+        "rule (scripts/calibrate_abstention.py)."
+    )
+
+
 def calibration_of(config) -> AbstentionCalibration | None:
     """The fitted calibration stored in a `RagConfig` (``None`` when it has none)."""
     return AbstentionCalibration.from_dict(config.abstention) if config.abstention else None
@@ -392,8 +440,12 @@ def judge_answers(
         answer_logprob=answer_lp,
         no_answer_margin=margin,
         says_no_answer=np.array([float(is_no_answer(a, model.config.no_answer_text)) for a in answers]),
+        reranker_relevance=reranker_relevance(model, questions, output.passages),
     )
-    abstained, confidence = abstain_decisions(signals, calibration_of(model.config), threshold)
+    calibration = calibration_of(model.config)
+    if calibration is not None and calibration.uses_reranker and getattr(model, "reranker", None) is None:
+        _warn_no_reranker()
+    abstained, confidence = abstain_decisions(signals, calibration, threshold)
     return abstained, confidence, signals
 
 

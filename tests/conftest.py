@@ -265,6 +265,39 @@ HUB_TOKEN = "hf_test_token"
 HUB_READ_TOKEN = "hf_read_only_token"
 
 
+def tiny_cross_encoder(tok, seed=0):
+    """A 1-label BERT sequence classifier: the cross-encoder of a tiny reranker."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = tiny_question_encoder_config(tok)
+    config.num_labels = 1
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture
+def reranker():
+    """A tiny float cross-encoder reranker (batches of 4 pairs)."""
+    from modeling_rag.reranker import CrossEncoderReranker, RerankerSpeedOptions
+
+    tok = build_tiny_tokenizer()
+    return CrossEncoderReranker(
+        tiny_cross_encoder(tok), tok, max_length=64, speed=RerankerSpeedOptions(batch_size=4, int8=False)
+    )
+
+
+def tiny_rag_with_reranker(tmp_path, **config):
+    """A tiny model (2 passages of 4 first-stage candidates) with an index over `TINY_PASSAGES`, no reranker yet."""
+    import json
+
+    model = make_tiny_rag("gpt2", n_docs=2, n_candidates=4, **config)
+    corpus = tmp_path / "passages.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in TINY_PASSAGES))
+    model.build_index(str(corpus), show_progress=False)
+    return model
+
+
 @pytest.fixture(scope="session")
 def hub_server(tmp_path_factory):
     """The local Hub server for the whole session (``.url``, ``.store``, ``.corrupt_file(...)``).

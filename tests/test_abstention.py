@@ -6,12 +6,13 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PASSAGES, make_tiny_rag
+from conftest import TINY_PASSAGES, make_tiny_rag, tiny_rag_with_reranker
 from transformers import TextIteratorStreamer
 
 from modeling_rag import RagConfig, RagConfigError, RagForGeneration, RagInputError
 from modeling_rag.abstention import (
     ABSTENTION_FEATURES,
+    READER_ONLY_FEATURES,
     AbstentionCalibration,
     AnswerLogprobRecorder,
     AnswerSignals,
@@ -79,6 +80,7 @@ def _signals(rng, n, similarity, logprob, says=0.0):
         answer_logprob=rng.normal(logprob, 0.5, n),
         no_answer_margin=rng.normal(-2.0, 0.5, n),
         says_no_answer=np.full(n, says),
+        reranker_relevance=np.zeros(n),
     )
 
 
@@ -100,7 +102,7 @@ def test_fitted_rule_keeps_its_false_abstention_budget_and_separates():
 def test_reader_saying_no_answer_always_abstains():
     rng = np.random.default_rng(1)
     signals = _signals(rng, 10, similarity=0.9, logprob=-0.1, says=1.0)
-    for cal in (None, AbstentionCalibration(weights=[0.0] * 4, bias=10.0, threshold=0.1)):
+    for cal in (None, AbstentionCalibration(weights=[0.0] * len(ABSTENTION_FEATURES), bias=10.0, threshold=0.1)):
         abstained, confidence = abstain_decisions(signals, cal)
         assert abstained.all() and (confidence == 0).all()
 
@@ -123,7 +125,9 @@ def test_bad_abstention_config_names_the_field(abstention, match):
 def test_answer_abstains_below_the_threshold_and_keeps_sources(tmp_path):
     model = make_tiny_rag("gpt2", "concat", max_new_tokens=6)
     # a rule that is never confident: every answer is replaced, the reader's words and sources kept
-    model.config.abstention = AbstentionCalibration(weights=[0.0] * 4, bias=-5.0, threshold=0.5).to_dict()
+    model.config.abstention = AbstentionCalibration(
+        weights=[0.0] * len(ABSTENTION_FEATURES), bias=-5.0, threshold=0.5
+    ).to_dict()
     answers = model.answer(QUESTIONS, passages=PASSAGES)
     for a in answers:
         assert a.abstained and a.answer == model.config.no_answer_text
@@ -149,7 +153,53 @@ def test_uncalibrated_confidence_is_the_readers_token_probability():
 
 
 def test_features_order_is_the_documented_one():
-    assert ABSTENTION_FEATURES == ("max_similarity", "answer_logprob", "no_answer_margin", "says_no_answer")
+    assert ABSTENTION_FEATURES == (
+        "max_similarity",
+        "answer_logprob",
+        "no_answer_margin",
+        "says_no_answer",
+        "reranker_relevance",
+    )
+
+
+def test_a_rule_fitted_before_the_reranker_feature_loads_and_applies_its_own_weights():
+    old = {"weights": [2.0, 1.0, -0.5, -1.0], "bias": -0.3, "threshold": 0.4, "features": list(READER_ONLY_FEATURES)}
+    cal = AbstentionCalibration.from_dict(old)
+    assert not cal.uses_reranker
+    rows = np.array([[0.5, -1.0, -2.0, 0.0, 7.0], [0.1, -3.0, 0.5, 0.0, -7.0]])
+    expected = 1 / (1 + np.exp(-(rows[:, :4] @ np.array(old["weights"]) + old["bias"])))
+    np.testing.assert_allclose(cal.confidence(rows), expected)  # the relevance column is not read
+    without_names = AbstentionCalibration.from_dict({k: v for k, v in old.items() if k != "features"})
+    assert without_names.features == list(READER_ONLY_FEATURES)
+    with pytest.raises(RagConfigError, match="one per feature"):
+        AbstentionCalibration.from_dict({**old, "features": list(ABSTENTION_FEATURES)})
+    with pytest.raises(RagConfigError, match="features must be"):
+        AbstentionCalibration.from_dict({**old, "features": ["max_similarity", "bogus", "x", "y"]})
+    rows_before = [{name: 0.5 for name in READER_ONLY_FEATURES}]
+    assert AnswerSignals.from_rows(rows_before).reranker_relevance.tolist() == [0.0]
+
+
+def test_the_fit_uses_the_rerankers_relevance_where_it_separates():
+    rng = np.random.default_rng(1)
+    # the reader's signals overlap; only the reranker tells the passages that answer from those that do not
+    answerable, unanswerable = _signals(rng, 150, 0.5, -1.0), _signals(rng, 150, 0.5, -1.0)
+    answerable.reranker_relevance = rng.normal(3.0, 1.0, 150)
+    unanswerable.reranker_relevance = rng.normal(-3.0, 1.0, 150)
+    cal = fit_abstention(answerable, unanswerable, max_false_abstention=0.05)
+    assert cal.features == list(ABSTENTION_FEATURES) and cal.uses_reranker
+    assert cal.dev_metrics["answerable_abstained"] <= 0.05
+    assert cal.dev_metrics["unanswerable_abstained"] > 0.8
+
+
+def test_answers_carry_the_rerankers_relevance_of_their_passages(tmp_path, reranker):
+    model = tiny_rag_with_reranker(tmp_path, max_new_tokens=3)
+    assert all(a.signals["reranker_relevance"] == 0.0 for a in model.answer(QUESTIONS))  # no reranker yet
+    model.set_reranker(reranker)
+    answers = model.answer(QUESTIONS)
+    for question, answer in zip(QUESTIONS, answers):
+        passages = [{"title": s.title, "text": s.text} for s in answer.sources]
+        best = float(np.max(reranker.score_logits([question], [passages])[0]))
+        assert answer.signals["reranker_relevance"] == pytest.approx(best, abs=1e-5)
 
 
 def test_streamer_receives_the_answer_as_it_is_generated():
@@ -229,7 +279,9 @@ def test_a_stream_below_the_retrieval_floor_shows_only_the_no_answer_response(tm
     corpus = tmp_path / "passages.jsonl"
     corpus.write_text("".join(json.dumps(p) + "\n" for p in TINY_PASSAGES))
     model.build_index(str(corpus), show_progress=False)
-    rule = AbstentionCalibration(weights=[0.0] * 4, bias=5.0, threshold=0.5, retrieval_floor=2.0)  # nothing passes
+    rule = AbstentionCalibration(
+        weights=[0.0] * len(ABSTENTION_FEATURES), bias=5.0, threshold=0.5, retrieval_floor=2.0
+    )  # nothing passes
     model.config.abstention = rule.to_dict()
 
     def stream(**kwargs):
@@ -265,7 +317,7 @@ def test_fit_sets_the_retrieval_floor_at_the_least_similar_answerable_question()
 
 def test_no_answer_bias_reaches_generate_as_a_sequence_bias_on_the_no_answer_response():
     model = make_tiny_rag("gpt2", "concat", max_new_tokens=6)
-    rule = AbstentionCalibration(weights=[0.0] * 4, bias=10.0, threshold=0.0).to_dict()
+    rule = AbstentionCalibration(weights=[0.0] * len(ABSTENTION_FEATURES), bias=10.0, threshold=0.0).to_dict()
     model.config.abstention = rule
     assert no_answer_sequence_bias(model) is None
     kwargs = {}

@@ -42,6 +42,15 @@ def _got(outputs):
     return [(o["question"], o["answer"], [(s["id"], s["title"], s["score"]) for s in o["sources"]]) for o in outputs]
 
 
+def _same(got, expected):
+    """Equal answers and sources; scores equal up to float noise (a batch of 1 pads the questions differently)."""
+    assert [(q, a, [(i, t) for i, t, _ in srcs]) for q, a, srcs in got] == [
+        (q, a, [(i, t) for i, t, _ in srcs]) for q, a, srcs in expected
+    ]
+    for (_, _, g), (_, _, e) in zip(got, expected):
+        assert [score for *_, score in g] == pytest.approx([score for *_, score in e], abs=1e-5)
+
+
 def test_the_task_loads_a_saved_folder_and_answers_like_the_model(rag, saved_rag):
     assert isinstance(rag, RagQuestionAnsweringPipeline)
     assert rag.device == torch.device("cpu")
@@ -59,7 +68,7 @@ def test_the_task_loads_a_saved_folder_and_answers_like_the_model(rag, saved_rag
 def test_a_list_of_questions_gives_one_answer_each_in_order(rag, batch_size):
     outputs = rag(QUESTIONS, batch_size=batch_size)
     assert isinstance(outputs, list) and len(outputs) == len(QUESTIONS)
-    assert _got(outputs) == _expected(rag.model, QUESTIONS)
+    _same(_got(outputs), _expected(rag.model, QUESTIONS))
 
 
 def test_a_generator_of_questions_streams_answers(rag):

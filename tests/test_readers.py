@@ -112,11 +112,13 @@ def test_shipped_reader_lookup():
 
 
 def test_settings_only_reader_sets_the_rule_and_keeps_the_weights(tmp_path):
-    from modeling_rag.abstention import AbstentionCalibration
+    from modeling_rag.abstention import ABSTENTION_FEATURES, AbstentionCalibration
     from modeling_rag.readers import save_reader_settings
 
     model = make_tiny_rag("gpt2", "concat", seed=1)
-    model.config.abstention = AbstentionCalibration(weights=[0.0] * 4, bias=1.0, threshold=0.2).to_dict()
+    model.config.abstention = AbstentionCalibration(
+        weights=[0.0] * len(ABSTENTION_FEATURES), bias=1.0, threshold=0.2
+    ).to_dict()
     folder = save_reader_settings(model, tmp_path / "rule", base_generator="tiny-gpt2")
     assert os.listdir(folder) == [READER_CONFIG_NAME]  # no adapter files
     fresh = make_tiny_rag("gpt2", "concat", seed=1)

@@ -6,7 +6,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PASSAGES, build_tiny_tokenizer, make_tiny_rag, tiny_question_encoder_config
+from conftest import (
+    TINY_PASSAGES,
+    build_tiny_tokenizer,
+    tiny_cross_encoder,
+    tiny_question_encoder_config,
+    tiny_rag_with_reranker,
+)
 
 from modeling_rag.constants import RERANKER_DIR
 from modeling_rag.errors import RagConfigError, RagInputError
@@ -14,24 +20,6 @@ from modeling_rag.reranker import CrossEncoderReranker, RerankerSpeedOptions, Se
 from modeling_rag.retrieval_rag import RetrievalOutput
 
 QUESTION = "What is the capital of France?"
-
-
-def tiny_cross_encoder(tok, seed=0):
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = tiny_question_encoder_config(tok)
-    config.num_labels = 1
-    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
-    return BertForSequenceClassification(config).eval()
-
-
-@pytest.fixture
-def reranker():
-    tok = build_tiny_tokenizer()
-    return CrossEncoderReranker(
-        tiny_cross_encoder(tok), tok, max_length=64, speed=RerankerSpeedOptions(batch_size=4, int8=False)
-    )
 
 
 def single_pair_logit(model, tok, question, passage, max_length=64):
@@ -166,14 +154,6 @@ def test_whole_model_save_load(reranker, tmp_path):
     np.testing.assert_allclose(
         loaded.score([QUESTION], [TINY_PASSAGES])[0], reranker.score([QUESTION], [TINY_PASSAGES])[0], rtol=1e-5
     )
-
-
-def tiny_rag_with_reranker(tmp_path, **config):
-    model = make_tiny_rag("gpt2", n_docs=2, n_candidates=4, **config)
-    corpus = tmp_path / "passages.jsonl"
-    corpus.write_text("".join(json.dumps(p) + "\n" for p in TINY_PASSAGES))
-    model.build_index(str(corpus), show_progress=False)
-    return model
 
 
 def test_model_retrieve_reranks_the_first_stage_candidates(tmp_path, reranker):

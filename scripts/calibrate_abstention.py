@@ -3,7 +3,8 @@
 
 The model answers every dev question once (greedy, its own retrieval); the abstention features of each
 answer (`modeling_rag.abstention`: best passage similarity, the reader's likelihood of its answer, its
-lean towards the no-answer response, whether it gave it) are fitted with a logistic model: answerable (1)
+lean towards the no-answer response, whether it gave it, and the reranker's best relevance when the model
+has one) are fitted with a logistic model: answerable (1)
 against unanswerable (0). The threshold is the highest at which at most ``--max-false-abstention`` of
 the answerable dev questions are abstained. The rule is written into the model's config (``--model``
 folder) and, with ``--reader``, into a reader adapter's settings, so that it ships with the reader.

@@ -2,9 +2,11 @@
 
 The exact float16 vectors of an IVF-PQ index (3.6 GiB at 5M x 384) are written once, in order, and then
 read a few rows at a time (the candidates each query re-ranks). `np.lib.format.open_memmap` would keep
-every written page in the building process's resident memory, and a plain `np.load(mmap_mode="r")` lets
-the kernel read ahead ~128 KiB around each row touched, so that a few hundred queries page in the whole
-file. `NpyAppender` writes with ordinary file writes; `map_npy` maps with ``MADV_RANDOM``.
+every written page in the building process's resident memory (a 5M build peaked at 5.1 GiB that way), so
+`NpyAppender` writes with ordinary file writes. `map_npy` maps the file read-only with ``MADV_RANDOM``, so
+that reading a re-ranked row from a cold cache does not read ahead around it. Pages already in the page
+cache are still mapped a whole folio at a time and count in VmRSS (reclaimable, not the process's own
+memory; see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -65,5 +67,5 @@ def map_npy(path: str | os.PathLike) -> np.ndarray:
             return np.zeros(shape, dtype=dtype)
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mapped, "madvise"):
-        mapped.madvise(mmap.MADV_RANDOM)  # no read-ahead: each re-ranked row reads one page
+        mapped.madvise(mmap.MADV_RANDOM)  # no disk read-ahead around each re-ranked row
     return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)

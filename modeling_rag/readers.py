@@ -141,8 +141,12 @@ def save_reader_settings(model, folder: str | os.PathLike, *, base_generator: st
     return str(folder)
 
 
-def apply_reader(model, folder: str | os.PathLike) -> dict[str, Any]:
+def apply_reader(model, folder: str | os.PathLike, *, trainable: bool = False) -> dict[str, Any]:
     """Merges the reader adapter in `folder` into `model.generator` and sets its settings on `model.config`.
+
+    With `trainable`, the adapter is not merged: `model.generator` becomes a peft model whose LoRA weights
+    train (to continue training a reader, ``train_generator.py --init-reader``); its abstention rule is
+    dropped, since it was fitted for the adapter as it was.
 
     Raises `RagConfigError` when the adapter was trained on another kind of generator. Returns the reader's
     config (base, settings, notes).
@@ -165,9 +169,14 @@ def apply_reader(model, folder: str | os.PathLike) -> dict[str, Any]:
                 f"The reader in {folder} is a LoRA adapter, merged with peft, which is not installed: "
                 'pip install "peft>=0.12" (or build the model with reader_adapter=None for the untuned generator).'
             ) from None
-        model.generator = PeftModel.from_pretrained(model.generator, str(folder)).merge_and_unload()
+        adapted = PeftModel.from_pretrained(model.generator, str(folder), is_trainable=trainable)
+        model.generator = adapted if trainable else adapted.merge_and_unload()
+    elif trainable:
+        raise RagConfigError(f"The reader in {folder} has settings only, no adapter to train: give an adapter folder.")
     for name, value in config["settings"].items():
         setattr(model.config, name, value)
+    if trainable:
+        model.config.abstention = None
     model.config.validate_rag()
     model.clear_caches()  # the prompt settings may have changed
     return config

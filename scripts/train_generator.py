@@ -102,6 +102,13 @@ def get_parser():
         "prompt) into this folder, before merging: a reader that ships as a small adapter over the base "
         "generator (modeling_rag.readers).",
     )
+    g.add_argument(
+        "--init-reader",
+        default=None,
+        help="With --lora: continue training this reader folder's adapter (e.g. "
+        "modeling_rag/readers_data/smollm2-135m-instruct) instead of new LoRA weights; its context and prompt "
+        "settings are used unless given here, its abstention rule is dropped (refit it after training).",
+    )
     g.add_argument("--eval-before-training", action="store_true", help="Measure EM / F1 on --dev-file before training.")
     return parser
 
@@ -141,9 +148,19 @@ def main(argv=None) -> dict:
     seed_everything(args.seed)
     t_start = time.time()
 
-    model, original_dtype = load_rag_model(args)
+    if args.init_reader and not args.lora:
+        raise RagConfigError("--init-reader continues a LoRA reader: add --lora.")
+    # an adapter is trained over the generator's own weights, not over the shipped reader merged into them;
+    # retrieval here is the first stage (the gold passage is put in with --include-gold-passage), not reranked
+    model, original_dtype = load_rag_model(
+        args, reader_adapter=None if args.lora else "auto", reranker=None if args.lora else "auto"
+    )
     if model.retriever is None:
         raise RagConfigError("The model has no index: give --corpus to build one, or a --model saved with its index.")
+    if args.init_reader:
+        from modeling_rag.readers import apply_reader
+
+        apply_reader(model, args.init_reader, trainable=True)
     apply_context_args(model, args)
     model.config.generation_mode = args.generation_mode
     n_docs = model.config.n_docs
@@ -152,7 +169,7 @@ def main(argv=None) -> dict:
         model.context_encoder.requires_grad_(False)
     if args.save_adapter and not args.lora:
         raise RagConfigError("--save-adapter saves LoRA adapters: add --lora.")
-    if args.lora:
+    if args.lora and not args.init_reader:
         apply_lora(model, args)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model.generator)

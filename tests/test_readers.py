@@ -126,3 +126,33 @@ def test_settings_only_reader_sets_the_rule_and_keeps_the_weights(tmp_path):
     apply_reader(fresh, folder)
     assert fresh.config.abstention == model.config.abstention
     assert all(torch.equal(before[k], v) for k, v in fresh.generator.state_dict().items())
+
+
+def test_trainable_reader_keeps_the_adapter_unmerged_and_drops_its_rule(tmp_path):
+    from modeling_rag.abstention import ABSTENTION_FEATURES, AbstentionCalibration
+
+    folder, expected = _trained_reader(tmp_path)
+    path = os.path.join(folder, READER_CONFIG_NAME)
+    data = json.load(open(path))
+    data["settings"]["abstention"] = AbstentionCalibration(
+        weights=[0.0] * len(ABSTENTION_FEATURES), bias=1.0, threshold=0.2
+    ).to_dict()
+    json.dump(data, open(path, "w"))
+    fresh = make_tiny_rag("gpt2", "concat", seed=1)
+    apply_reader(fresh, folder, trainable=True)
+    assert hasattr(fresh.generator, "peft_config")  # not merged: its LoRA weights go on training
+    trainable = [n for n, p in fresh.generator.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert fresh.config.n_docs == 2 and fresh.config.abstention is None  # the old rule fits the old adapter
+    with torch.no_grad():
+        batch = fresh.prepare_inputs(QUESTIONS, passages=PASSAGES, for_generation=True)
+        got = fresh.generator(input_ids=batch["context_input_ids"], attention_mask=batch["context_attention_mask"])
+    torch.testing.assert_close(got.logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_settings_only_reader_cannot_be_trained(tmp_path):
+    from modeling_rag.readers import save_reader_settings
+
+    folder = save_reader_settings(make_tiny_rag("gpt2", "concat", seed=1), tmp_path / "rule", base_generator="t")
+    with pytest.raises(RagConfigError, match="no adapter to train"):
+        apply_reader(make_tiny_rag("gpt2", "concat", seed=1), folder, trainable=True)

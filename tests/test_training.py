@@ -607,3 +607,39 @@ def test_generator_trains_a_reader_on_unanswerable_questions_and_saves_its_adapt
             ["--model", tiny["model"], "--train-file", tiny["train"], "--output-dir", str(tmp_path / "x")]
             + ["--save-adapter", str(tmp_path / "r2"), "--cpu"]
         )
+
+
+def test_generator_continues_a_saved_reader_with_init_reader(tiny, tmp_path):
+    """--init-reader trains the saved adapter further (same tensors, moved a little) and keeps its settings."""
+    from safetensors.torch import load_file
+
+    from modeling_rag.readers import read_reader_config
+
+    common = ["--model", tiny["model"], "--train-file", tiny["train"], "--cpu", "--lora", "--lora-r", "4"]
+    common += ["--batch-size", "5", "--logging-steps", "1", "--no-save"]
+    _script("generator").main(
+        [*common, "--output-dir", str(tmp_path / "a"), "--save-adapter", str(tmp_path / "first")]
+        + ["--max-train-steps", "2", "--n-docs", "2", "--no-answer-text", "No idea.", "--learning-rate", "1e-2"]
+    )
+    _script("generator").main(
+        [*common, "--output-dir", str(tmp_path / "b"), "--save-adapter", str(tmp_path / "second")]
+        + ["--max-train-steps", "1", "--init-reader", str(tmp_path / "first"), "--learning-rate", "1e-3"]
+    )
+    first = load_file(str(tmp_path / "first" / "adapter_model.safetensors"))
+    second = load_file(str(tmp_path / "second" / "adapter_model.safetensors"))
+    assert set(first) == set(second)
+    moved = [k for k in first if not torch.equal(first[k], second[k])]
+    assert moved  # it trained
+    b = [k for k in first if "lora_B" in k]
+    # continued from the first adapter's B (trained away from zero), not from a fresh, zero B
+    assert all(first[k].abs().sum() > 0 for k in b)
+    assert sum(float((second[k].float() - first[k].float()).norm()) for k in b) < 0.5 * sum(
+        float(first[k].float().norm()) for k in b
+    )
+    settings = read_reader_config(tmp_path / "second")["settings"]
+    assert settings["n_docs"] == 2 and settings["no_answer_text"] == "No idea."  # the first reader's settings
+    with pytest.raises(RagConfigError, match="--init-reader continues a LoRA reader"):
+        _script("generator").main(
+            ["--model", tiny["model"], "--train-file", tiny["train"], "--output-dir", str(tmp_path / "x"), "--cpu"]
+            + ["--init-reader", str(tmp_path / "first")]
+        )

@@ -22,9 +22,20 @@ def seed_everything(seed: int) -> None:
     set_seed(int(seed))
 
 
-def load_rag_model(args: argparse.Namespace, *, dtype: torch.dtype = torch.float32, build_index: bool = True):
+def load_rag_model(
+    args: argparse.Namespace,
+    *,
+    dtype: torch.dtype = torch.float32,
+    build_index: bool = True,
+    reader_adapter: str | None = "auto",
+    reranker: str | None = "auto",
+):
     """The model named by ``--model`` (or assembled from ``--question-encoder`` / ``--generator``), in
-    `dtype`, with its index (rebuilt from ``--corpus`` when given). Returns `(model, original_dtype)`."""
+    `dtype`, with its index (rebuilt from ``--corpus`` when given). Returns `(model, original_dtype)`.
+
+    `reader_adapter` / `reranker` are passed to `from_pretrained_question_encoder_generator` when the model is
+    assembled: a reader trained as an adapter must start from the generator's own weights (``None``), not from
+    the shipped reader merged into them."""
     from .. import RagForGeneration
 
     if args.model:
@@ -35,6 +46,8 @@ def load_rag_model(args: argparse.Namespace, *, dtype: torch.dtype = torch.float
         model = RagForGeneration.from_pretrained_question_encoder_generator(
             resolve_model(args.question_encoder, "question_encoder"),
             resolve_model(args.generator, "generator"),
+            reader_adapter=reader_adapter,
+            reranker=reranker,
         )
     else:
         raise RagConfigError("Give --model (a saved RAG model) or both --question-encoder and --generator.")

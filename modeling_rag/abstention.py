@@ -16,6 +16,9 @@ per question, whether the answer is supported, from signals that each catch a di
   (`modeling_rag.reranker`; trained with a pointwise loss, so its sigmoid is a relevance probability). It
   reads each passage with the question, so it can tell a passage about the question's topic from one
   that answers it. 0 for a model without a reranker.
+* ``answer_support``: the share of the answer's words (lower-cased, punctuation and articles aside) that
+  occur in the passages it was given. A reader trained to answer with spans of its passages that writes
+  words found in none of them is answering from its own memory, not from the documents.
 
 They are combined by a logistic model into a ``confidence`` in [0, 1], fitted on dev questions with and
 without answers (:func:`fit_abstention`, ``scripts/calibrate_abstention.py``) and stored in
@@ -55,12 +58,24 @@ __all__ = [
     "no_answer_sequence_bias",
     "fit_abstention",
     "reranker_relevance",
+    "answer_support",
     "is_no_answer",
 ]
 
-ABSTENTION_FEATURES = ("max_similarity", "answer_logprob", "no_answer_margin", "says_no_answer", "reranker_relevance")
+ABSTENTION_FEATURES = (
+    "max_similarity",
+    "answer_logprob",
+    "no_answer_margin",
+    "says_no_answer",
+    "reranker_relevance",
+    "answer_support",
+)
 # the features of rules fitted before the reranker's relevance was one (they still load and apply)
 READER_ONLY_FEATURES = ABSTENTION_FEATURES[:4]
+# the feature lists a rule may have been fitted with: each later one adds a feature at the end
+FEATURE_SETS = tuple(
+    list(ABSTENTION_FEATURES[:n]) for n in range(len(READER_ONLY_FEATURES), len(ABSTENTION_FEATURES) + 1)
+)
 
 
 @dataclass
@@ -98,16 +113,18 @@ class AbstentionCalibration:
             raise RagConfigError(
                 f"abstention must be a dict (a fitted calibration) or None, got {type(data).__name__}."
             )
-        if "features" not in data and len(data.get("weights") or []) == len(READER_ONLY_FEATURES):
-            data = {**data, "features": list(READER_ONLY_FEATURES)}
+        n_weights = len(data.get("weights") or [])
+        if "features" not in data and len(READER_ONLY_FEATURES) <= n_weights < len(ABSTENTION_FEATURES):
+            data = {**data, "features": list(ABSTENTION_FEATURES[:n_weights])}
         try:
             cal = cls(**data)
         except TypeError as err:
             raise RagConfigError(f"abstention: {err}; expected keys weights, bias, threshold, ...") from None
-        if list(cal.features) not in (list(ABSTENTION_FEATURES), list(READER_ONLY_FEATURES)):
+        if list(cal.features) not in FEATURE_SETS:
             raise RagConfigError(
-                f"abstention.features must be {list(ABSTENTION_FEATURES)} (or, for a rule fitted without the "
-                f"reranker's relevance, {list(READER_ONLY_FEATURES)}), got {cal.features}."
+                f"abstention.features must be {list(ABSTENTION_FEATURES)} or, for a rule fitted before the last "
+                f"features were added, its first {len(READER_ONLY_FEATURES)} or more of them in this order; "
+                f"got {cal.features}."
             )
         if len(cal.weights) != len(cal.features) or not all(math.isfinite(float(w)) for w in cal.weights):
             raise RagConfigError(f"abstention.weights must be {len(cal.features)} finite numbers, one per feature.")
@@ -144,6 +161,11 @@ class AnswerSignals:
     no_answer_margin: np.ndarray
     says_no_answer: np.ndarray
     reranker_relevance: np.ndarray
+    answer_support: np.ndarray | None = None  # None: not measured (rows recorded before it), read as 0
+
+    def __post_init__(self):
+        if self.answer_support is None:
+            self.answer_support = np.zeros(len(self.says_no_answer))
 
     def matrix(self) -> np.ndarray:
         """`[N, F]` in the order of `ABSTENTION_FEATURES`."""
@@ -154,7 +176,7 @@ class AnswerSignals:
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict]) -> AnswerSignals:
-        """From `to_rows` dicts; rows written before ``reranker_relevance`` existed read it as 0 (no reranker)."""
+        """From `to_rows` dicts; a feature missing from rows written before it existed reads as 0."""
         return cls(**{name: np.array([float(r.get(name, 0.0)) for r in rows]) for name in ABSTENTION_FEATURES})
 
 
@@ -185,11 +207,20 @@ REFUSAL_OPENINGS = (
 )
 
 
+# A reader taught one no-answer response words it otherwise too ("The document doesn't say.", "The papers
+# don't say."): what such a refusal may name as its source.
+REFUSAL_SUBJECTS = ("documents", "document", "passages", "passage", "papers", "paper", "texts", "text", "context")
+_SUBJECTS = "|".join(REFUSAL_SUBJECTS)
+_REWORDED_REFUSAL = re.compile(rf"^(the )?(provided |given |above )?({_SUBJECTS}) (do|does|did)( not|n t)\b")
+
+
 def is_no_answer(answer: str, no_answer_text: str) -> bool:
-    """Whether `answer` is the no-answer response, or opens with a common refusal (`REFUSAL_OPENINGS`); case,
-    punctuation and trailing words aside."""
+    """Whether `answer` is the no-answer response, opens with a common refusal (`REFUSAL_OPENINGS`) or rewords
+    it ("The document doesn't ..."); case, punctuation and trailing words aside."""
     answer, target = _normalise(answer), _normalise(no_answer_text)
     if target and (answer == target or answer.startswith(target + " ")):
+        return True
+    if _REWORDED_REFUSAL.match(answer):
         return True
     return any(answer == r or answer.startswith(r + " ") for r in map(_normalise, REFUSAL_OPENINGS))
 
@@ -283,6 +314,29 @@ def max_similarity(model, questions: Sequence[str], passages, row_ids=None) -> n
                 normalize=model.config.normalize_embeddings,
             )
         out[i] = float(np.max(vecs @ q[i]))
+    return out
+
+
+_ARTICLES = {"a", "an", "the"}
+
+
+def _content_words(text: str) -> list[str]:
+    return [w for w in _normalise(text).split() if w not in _ARTICLES]
+
+
+def answer_support(answers: Sequence[str], passages) -> np.ndarray:
+    """Per answer, the share of its words (see `_content_words`) found in its passages' words; 0 for an
+    answer without words or without passages."""
+    out = np.zeros(len(answers))
+    for i, (answer, plist) in enumerate(zip(answers, passages)):
+        words = _content_words(answer)
+        if not words or not plist:
+            continue
+        seen = set()
+        for p in plist:
+            p = p if isinstance(p, dict) else {"text": str(p)}
+            seen.update(_content_words(f"{p.get('title') or ''} {p.get('text') or ''}"))
+        out[i] = sum(w in seen for w in words) / len(words)
     return out
 
 
@@ -389,15 +443,24 @@ def calibration_of(config) -> AbstentionCalibration | None:
 
 
 def no_answer_sequence_bias(model, bias: float | None = None) -> dict | None:
-    """``{(first, second token of the no-answer response): bias}`` for `generate`'s ``sequence_bias``: `bias`,
-    or the calibration's `no_answer_bias`; ``None`` when there is no such bias."""
+    """``{(first, second token of a no-answer response): bias}`` for `generate`'s ``sequence_bias``: `bias`,
+    or the calibration's `no_answer_bias`; ``None`` when there is no such bias. The openings are those of
+    `config.no_answer_text` and of its rewordings ("The document(s) / passage(s) / ... don't say", any
+    case): a reader biased away from its own words alone says "The document doesn't say." instead."""
     if bias is None:
         calibration = calibration_of(model.config)
         bias = calibration.no_answer_bias if calibration is not None else 0.0
     if not bias or model.tokenizer is None:
         return None
-    ids = answer_ids(model, model.config.no_answer_text, with_eos=False)
-    return {tuple(int(t) for t in ids[:2]): float(bias)} if ids else None
+    texts = [model.config.no_answer_text]
+    for subject in REFUSAL_SUBJECTS:
+        texts += [f"{the} {word} don't say." for the in ("The", "the") for word in (subject, subject.capitalize())]
+    openings = {}
+    for text in texts:
+        ids = answer_ids(model, text, with_eos=False)
+        if len(ids) >= (2 if text != model.config.no_answer_text else 1):
+            openings[tuple(int(t) for t in ids[:2])] = float(bias)
+    return openings or None
 
 
 def recorder_for(model, generation_mode: str, generate_kwargs: dict) -> AnswerLogprobRecorder | None:
@@ -441,6 +504,7 @@ def judge_answers(
         no_answer_margin=margin,
         says_no_answer=np.array([float(is_no_answer(a, model.config.no_answer_text)) for a in answers]),
         reranker_relevance=reranker_relevance(model, questions, output.passages),
+        answer_support=answer_support(answers, output.passages),
     )
     calibration = calibration_of(model.config)
     if calibration is not None and calibration.uses_reranker and getattr(model, "reranker", None) is None:

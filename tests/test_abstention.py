@@ -159,6 +159,7 @@ def test_features_order_is_the_documented_one():
         "no_answer_margin",
         "says_no_answer",
         "reranker_relevance",
+        "answer_support",
     )
 
 
@@ -327,7 +328,11 @@ def test_no_answer_bias_reaches_generate_as_a_sequence_bias_on_the_no_answer_res
     ids = answer_ids(model, model.config.no_answer_text, with_eos=False)  # as the reader was trained
     kwargs = {}
     recorder_for(model, "concat", kwargs)
-    assert kwargs["sequence_bias"] == {tuple(ids[:2]): -4.0}
+    bias = kwargs["sequence_bias"]
+    assert bias[tuple(ids[:2])] == -4.0 and set(bias.values()) == {-4.0}
+    # its rewordings' openings too, or a reader biased away from its own words says them instead
+    for reworded in ("The document doesn't say.", "the Passages don't say."):
+        assert bias[tuple(answer_ids(model, reworded, with_eos=False)[:2])] == -4.0
     kwargs = {"sequence_bias": None}  # the caller's own choice wins
     recorder_for(model, "concat", kwargs)
     assert kwargs["sequence_bias"] is None
@@ -337,3 +342,50 @@ def test_no_answer_bias_reaches_generate_as_a_sequence_bias_on_the_no_answer_res
         QUESTIONS[:1], passages=PASSAGES[:1], do_sample=False, sequence_bias={tuple(own[:2]): -100.0}
     )[0].tolist()
     assert biased[0] == own[0] and biased[1] != own[1]
+
+
+def test_answer_support_counts_the_answers_words_found_in_its_passages():
+    from modeling_rag.abstention import answer_support
+
+    passages = [[{"title": "Leave", "text": "Employees get 25 days of paid annual leave."}], ["Rollo led the Normans."]]
+    got = answer_support(["25 days of leave", "The capital is Khalkhorum."], passages)
+    assert got[0] == pytest.approx(1.0)  # every word is in the passage (case and punctuation aside)
+    assert got[1] == pytest.approx(0.0)  # "capital", "is", "khalkhorum": none ("the" is not counted)
+    assert answer_support(["Rollo, Normans' leader"], [passages[1]])[0] == pytest.approx(2 / 3)
+    assert answer_support(["", "anything"], [passages[0], []]).tolist() == [0.0, 0.0]
+
+
+def test_a_rule_fitted_before_answer_support_loads_and_the_fit_uses_it_where_it_separates():
+    five = list(ABSTENTION_FEATURES[:5])
+    old = {"weights": [2.0, 1.0, -0.5, -1.0, 0.3], "bias": -0.3, "threshold": 0.4, "features": five}
+    cal = AbstentionCalibration.from_dict(old)
+    rows = np.array([[0.5, -1.0, -2.0, 0.0, 1.0, 9.0]])
+    expected = 1 / (1 + np.exp(-(rows[:, :5] @ np.array(old["weights"]) + old["bias"])))
+    np.testing.assert_allclose(cal.confidence(rows), expected)  # the support column is not read
+    assert AbstentionCalibration.from_dict({k: v for k, v in old.items() if k != "features"}).features == five
+    assert AnswerSignals.from_rows([{name: 0.5 for name in five}]).answer_support.tolist() == [0.0]
+    rng = np.random.default_rng(2)
+    answerable, unanswerable = _signals(rng, 150, 0.5, -1.0), _signals(rng, 150, 0.5, -1.0)
+    answerable.answer_support = np.clip(rng.normal(0.95, 0.05, 150), 0, 1)
+    unanswerable.answer_support = np.clip(rng.normal(0.2, 0.1, 150), 0, 1)
+    fitted = fit_abstention(answerable, unanswerable, max_false_abstention=0.05)
+    assert fitted.features == list(ABSTENTION_FEATURES) and fitted.weights[-1] > 0
+    assert fitted.dev_metrics["unanswerable_abstained"] > 0.8
+
+
+@pytest.mark.parametrize(
+    "answer, refusal",
+    [
+        ("The documents don't say.", True),
+        ("The document doesn't say.", True),
+        ("The papers don't say.", True),
+        ("the Passages do not mention it", True),
+        ("The provided text does not say", True),
+        ("I don't know.", True),
+        ("The documents were signed in 1990.", False),
+        ("The passage of the bill", False),
+        ("Documents", False),
+    ],
+)
+def test_reworded_no_answer_responses_are_recognised(answer, refusal):
+    assert is_no_answer(answer, "The documents don't say.") is refusal

@@ -72,9 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--retrieval",
-        default="dense",
+        default="hybrid",
         choices=["dense", "bm25", "hybrid"],
-        help="Retriever used when building the model.",
+        help="First-stage retriever used when building the model (hybrid: dense and BM25 fused; the shipped "
+        "reranker then reorders its top candidates).",
     )
     parser.add_argument(
         "--max-tokens", type=int, default=None, help="Passage length when chunking documents, in encoder tokens."

@@ -588,6 +588,7 @@ def test_generator_trains_a_reader_on_unanswerable_questions_and_saves_its_adapt
         [
             *("--model", tiny["model"], "--train-file", tiny["train"], "--output-dir", str(out), "--cpu"),
             *("--unanswerable-file", unanswerable, "--include-gold-passage", "--no-answer-text", "No idea."),
+            *("--unanswerable-repeat", "2"),
             *("--lora", "--lora-r", "4", "--save-adapter", str(tmp_path / "reader"), "--batch-size", "5"),
             *("--max-train-steps", "2", "--logging-steps", "1", "--n-docs", "2"),
         ]
@@ -597,7 +598,8 @@ def test_generator_trains_a_reader_on_unanswerable_questions_and_saves_its_adapt
 
     config = read_reader_config(tmp_path / "reader")
     assert config["settings"]["no_answer_text"] == "No idea." and config["settings"]["n_docs"] == 2
-    assert config["notes"]["answerable_questions"] == len(QUESTIONS) and config["notes"]["unanswerable_questions"] == 2
+    # --unanswerable-repeat 2: each of the 2 unanswerable questions is in the training set twice
+    assert config["notes"]["answerable_questions"] == len(QUESTIONS) and config["notes"]["unanswerable_questions"] == 4
     from modeling_rag import RagForGeneration
 
     saved = RagForGeneration.from_pretrained(out / "final")
@@ -606,6 +608,11 @@ def test_generator_trains_a_reader_on_unanswerable_questions_and_saves_its_adapt
         _script("generator").main(
             ["--model", tiny["model"], "--train-file", tiny["train"], "--output-dir", str(tmp_path / "x")]
             + ["--save-adapter", str(tmp_path / "r2"), "--cpu"]
+        )
+    with pytest.raises(RagConfigError, match="--unanswerable-repeat must be at least 1"):
+        _script("generator").main(
+            ["--model", tiny["model"], "--train-file", tiny["train"], "--output-dir", str(tmp_path / "y"), "--cpu"]
+            + ["--unanswerable-file", unanswerable, "--unanswerable-repeat", "0"]
         )
 
 

@@ -446,7 +446,9 @@ def no_answer_sequence_bias(model, bias: float | None = None) -> dict | None:
     """``{(first, second token of a no-answer response): bias}`` for `generate`'s ``sequence_bias``: `bias`,
     or the calibration's `no_answer_bias`; ``None`` when there is no such bias. The openings are those of
     `config.no_answer_text` and of its rewordings ("The document(s) / passage(s) / ... don't say", any
-    case): a reader biased away from its own words alone says "The document doesn't say." instead."""
+    case): a reader biased away from its own words alone says "The document doesn't say." instead. An
+    opening's first token repeated ("The The") is biased too: a reader kept from "The documents" that
+    still wants to refuse otherwise repeats "The" until the token budget runs out."""
     if bias is None:
         calibration = calibration_of(model.config)
         bias = calibration.no_answer_bias if calibration is not None else 0.0
@@ -460,6 +462,8 @@ def no_answer_sequence_bias(model, bias: float | None = None) -> dict | None:
         ids = answer_ids(model, text, with_eos=False)
         if len(ids) >= (2 if text != model.config.no_answer_text else 1):
             openings[tuple(int(t) for t in ids[:2])] = float(bias)
+            if len(ids) >= 2:
+                openings[(int(ids[0]), int(ids[0]))] = float(bias)
     return openings or None
 
 

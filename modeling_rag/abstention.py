@@ -214,6 +214,15 @@ _SUBJECTS = "|".join(REFUSAL_SUBJECTS)
 _REWORDED_REFUSAL = re.compile(rf"^(the )?(provided |given |above )?({_SUBJECTS}) (do|does|did)( not|n t)\b")
 
 
+def refusal_texts(no_answer_text: str) -> list[str]:
+    """`no_answer_text` and its rewordings a reader may say instead ("The document(s) / passage(s) / ...
+    don't say.", with "The" / "the" and the subject in either case)."""
+    texts = [no_answer_text]
+    for subject in REFUSAL_SUBJECTS:
+        texts += [f"{the} {word} don't say." for the in ("The", "the") for word in (subject, subject.capitalize())]
+    return texts
+
+
 def is_no_answer(answer: str, no_answer_text: str) -> bool:
     """Whether `answer` is the no-answer response, opens with a common refusal (`REFUSAL_OPENINGS`) or rewords
     it ("The document doesn't ..."); case, punctuation and trailing words aside."""
@@ -454,16 +463,14 @@ def no_answer_sequence_bias(model, bias: float | None = None) -> dict | None:
         bias = calibration.no_answer_bias if calibration is not None else 0.0
     if not bias or model.tokenizer is None:
         return None
-    texts = [model.config.no_answer_text]
-    for subject in REFUSAL_SUBJECTS:
-        texts += [f"{the} {word} don't say." for the in ("The", "the") for word in (subject, subject.capitalize())]
     openings = {}
-    for text in texts:
-        ids = answer_ids(model, text, with_eos=False)
-        if len(ids) >= (2 if text != model.config.no_answer_text else 1):
-            openings[tuple(int(t) for t in ids[:2])] = float(bias)
-            if len(ids) >= 2:
-                openings[(int(ids[0]), int(ids[0]))] = float(bias)
+    for text in refusal_texts(model.config.no_answer_text):
+        ids = [int(t) for t in answer_ids(model, text, with_eos=False)]
+        if len(ids) >= 2:
+            openings[tuple(ids[:2])] = float(bias)
+            openings[(ids[0], ids[0])] = float(bias)
+        elif ids and text == model.config.no_answer_text:  # a one-token no-answer response
+            openings[(ids[0],)] = float(bias)
     return openings or None
 
 

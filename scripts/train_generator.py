@@ -149,7 +149,7 @@ def _cached_retrieval(model, args, train, dev, n_docs):
 def main(argv=None) -> dict:
     args = parse_args(get_parser(), argv)
     require(args, "train_file", "output_dir")
-    check_positive(args, "batch_size", "gradient_accumulation_steps", "num_epochs")
+    check_positive(args, "batch_size", "gradient_accumulation_steps", "num_epochs", "unanswerable_repeat")
     accelerator = create_accelerator(args)
     setup_logging(accelerator, verbose=args.verbose)
     seed_everything(args.seed)
@@ -199,15 +199,13 @@ def main(argv=None) -> dict:
             known_passage_ids=set(by_id),
             limit=args.max_unanswerable_examples,
         )
-        if args.unanswerable_repeat < 1:
-            raise RagConfigError(f"--unanswerable-repeat must be at least 1, got {args.unanswerable_repeat}.")
         for ex in unanswerable:
             ex.answers = [model.config.no_answer_text]
         train = train + unanswerable * args.unanswerable_repeat
         logger.info(
             "Training on %d answerable and %d unanswerable questions (target %r)",
             n_answerable,
-            len(unanswerable) * args.unanswerable_repeat,
+            len(train) - n_answerable,
             model.config.no_answer_text,
         )
     (train_passages, train_scores), (dev_passages, dev_scores) = broadcast_from_main(

@@ -21,6 +21,7 @@ from modeling_rag.abstention import (
     is_no_answer,
     no_answer_sequence_bias,
     recorder_for,
+    refusal_texts,
 )
 from modeling_rag.inputs import answer_ids
 
@@ -316,15 +317,6 @@ def test_fit_sets_the_retrieval_floor_at_the_least_similar_answerable_question()
     assert cal.retrieval_floor < answerable.max_similarity.min()
 
 
-def _refusals(model):
-    from modeling_rag.abstention import REFUSAL_SUBJECTS
-
-    texts = [model.config.no_answer_text]
-    for subject in REFUSAL_SUBJECTS:
-        texts += [f"{the} {w} don't say." for the in ("The", "the") for w in (subject, subject.capitalize())]
-    return texts
-
-
 def test_no_answer_bias_reaches_generate_as_a_sequence_bias_on_the_no_answer_response():
     model = make_tiny_rag("gpt2", "concat", max_new_tokens=6)
     rule = AbstentionCalibration(weights=[0.0] * len(ABSTENTION_FEATURES), bias=10.0, threshold=0.0).to_dict()
@@ -345,9 +337,8 @@ def test_no_answer_bias_reaches_generate_as_a_sequence_bias_on_the_no_answer_res
         # and the opening's first token repeated: kept from "The documents", a refusing reader says "The The The"
         first = answer_ids(model, reworded, with_eos=False)[0]
         assert bias[(first, first)] == -4.0
-    assert all(
-        b[0] == b[1] or b in {tuple(answer_ids(model, t, with_eos=False)[:2]) for t in _refusals(model)} for b in bias
-    )
+    openings = {tuple(answer_ids(model, t, with_eos=False)[:2]) for t in refusal_texts(model.config.no_answer_text)}
+    assert all(b[0] == b[1] or b in openings for b in bias)  # nothing else is biased
     kwargs = {"sequence_bias": None}  # the caller's own choice wins
     recorder_for(model, "concat", kwargs)
     assert kwargs["sequence_bias"] is None

@@ -609,7 +609,7 @@ def test_generator_trains_a_reader_on_unanswerable_questions_and_saves_its_adapt
             ["--model", tiny["model"], "--train-file", tiny["train"], "--output-dir", str(tmp_path / "x")]
             + ["--save-adapter", str(tmp_path / "r2"), "--cpu"]
         )
-    with pytest.raises(RagConfigError, match="--unanswerable-repeat must be at least 1"):
+    with pytest.raises(RagInputError, match="--unanswerable-repeat must be a positive integer"):
         _script("generator").main(
             ["--model", tiny["model"], "--train-file", tiny["train"], "--output-dir", str(tmp_path / "y"), "--cpu"]
             + ["--unanswerable-file", unanswerable, "--unanswerable-repeat", "0"]

@@ -100,7 +100,9 @@ def save_reader(model, folder: str | os.PathLike, *, base_generator: str, notes:
         raise RagConfigError("save_reader needs a generator with LoRA adapters (train with --lora).")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.generator.save_pretrained(folder, safe_serialization=True)
+    # the vocabulary is never resized, so no embedding matrix is saved; peft's "auto" would look the
+    # base model up on the Hub to decide (a network call at save time, a warning offline)
+    model.generator.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
     # peft records the base weights' local folder (a path of this machine) and writes a placeholder card:
     # a reader names its base generator instead, and its card is written from measured results
     adapter_config_path = folder / ADAPTER_FILES[0]

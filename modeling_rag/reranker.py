@@ -397,7 +397,8 @@ class CrossEncoderReranker:
             for name, data in self.adapter_files.items():
                 atomic_write_bytes(folder / name, data)
         else:
-            (self.model.encoder if head == "segment_cosine" else self.model).save_pretrained(folder)
+            adapted = self.model.encoder if head == "segment_cosine" else self.model
+            adapted.save_pretrained(folder, save_embedding_layers=False)
             if head == "segment_cosine":
                 atomic_write_bytes(folder / HEAD_FILE, save(self.model.head_state()))
         config = {
@@ -428,7 +429,8 @@ class CrossEncoderReranker:
         cosine = head_of(peft_model) == "segment_cosine"
         adapted = peft_model.encoder if cosine else peft_model
         with tempfile.TemporaryDirectory() as tmp:
-            adapted.save_pretrained(tmp)
+            # no embedding matrix to save (the vocabulary is the base's); "auto" would ask the Hub
+            adapted.save_pretrained(tmp, save_embedding_layers=False)
             files = {name: (Path(tmp) / name).read_bytes() for name in ADAPTER_FILES}
         files["adapter_config.json"] = _portable_adapter_config(files["adapter_config.json"], base_model)
         if cosine:

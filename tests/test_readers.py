@@ -4,6 +4,7 @@ and the generator script trains one on answerable and unanswerable questions."""
 import argparse
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,18 @@ def test_reader_round_trip_gives_the_adapted_generator(tmp_path):
     with torch.no_grad():
         plain = base.generator(input_ids=batch["context_input_ids"], attention_mask=batch["context_attention_mask"])
     assert not torch.allclose(plain.logits, expected, atol=1e-3)  # the adapter changed the generator
+
+
+def test_saving_a_reader_asks_the_hub_nothing(tmp_path):
+    # peft's default looks a named base model up on the Hub at save time (to decide whether to save the
+    # embeddings): offline, that is a warning on every save, and online a request nobody asked for
+    model = make_tiny_rag("gpt2", "concat", seed=1)
+    apply_lora(model, _lora_args())
+    model.generator.peft_config["default"].base_model_name_or_path = "someone/tiny-gpt2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folder = save_reader(model, tmp_path / "reader", base_generator="tiny-gpt2")
+    assert (Path(folder) / "adapter_model.safetensors").is_file()
 
 
 def test_reader_for_another_generator_is_refused(tmp_path):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RagConfigError
+from .utils.peft_adapters import ADAPTER_FILES
 
 __all__ = [
     "READER_CONFIG_NAME",
@@ -35,7 +36,6 @@ __all__ = [
 ]
 
 READER_CONFIG_NAME = "reader_config.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 READER_FORMAT_VERSION = 1
 # RagConfig fields a reader carries: how it was trained to read, and when it abstains
 READER_SETTINGS = (
@@ -94,22 +94,17 @@ def read_reader_config(folder: str | os.PathLike) -> dict[str, Any]:
 def save_reader(model, folder: str | os.PathLike, *, base_generator: str, notes: dict | None = None) -> str:
     """Saves `model.generator`'s LoRA adapter (a peft model, before merging) and the reader settings of
     `model.config` into `folder`; returns the folder."""
-    from .utils.atomic import atomic_write_text
+    from .utils.atomic import atomic_write_bytes, atomic_write_text
+    from .utils.peft_adapters import adapter_files
 
     if not hasattr(model.generator, "peft_config"):
         raise RagConfigError("save_reader needs a generator with LoRA adapters (train with --lora).")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    # the vocabulary is never resized, so no embedding matrix is saved; peft's "auto" would look the
-    # base model up on the Hub to decide (a network call at save time, a warning offline)
-    model.generator.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
-    # peft records the base weights' local folder (a path of this machine) and writes a placeholder card:
-    # a reader names its base generator instead, and its card is written from measured results
-    adapter_config_path = folder / ADAPTER_FILES[0]
-    adapter_config = json.loads(adapter_config_path.read_text(encoding="utf-8"))
-    adapter_config["base_model_name_or_path"] = base_generator
-    atomic_write_text(str(adapter_config_path), json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-    (folder / "README.md").unlink(missing_ok=True)
+    # the adapter names its base generator, not the local folder peft records; and no placeholder card from
+    # peft (a reader's card is written from measured results)
+    for name, data in adapter_files(model.generator, base_generator).items():
+        atomic_write_bytes(folder / name, data)
     settings = {name: getattr(model.config, name) for name in READER_SETTINGS}
     config = {
         "format_version": READER_FORMAT_VERSION,

@@ -45,8 +45,8 @@ from .constants import RERANKER_CONFIG_NAME, RERANKER_FORMAT_VERSION
 from .corpus import passage_text
 from .errors import RagConfigError, RagInputError
 from .utils.atomic import atomic_write_bytes, atomic_write_text
+from .utils.peft_adapters import ADAPTER_FILES, adapter_files
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 HEAD_FILE = "head.safetensors"  # the segment-cosine head's scale and bias
 
 # question-encoder name (modeling_rag.assets) -> the reranker shipped for its first stage, a folder in this package
@@ -397,8 +397,7 @@ class CrossEncoderReranker:
             for name, data in self.adapter_files.items():
                 atomic_write_bytes(folder / name, data)
         else:
-            adapted = self.model.encoder if head == "segment_cosine" else self.model
-            adapted.save_pretrained(folder, save_embedding_layers=False)
+            (self.model.encoder if head == "segment_cosine" else self.model).save_pretrained(folder)
             if head == "segment_cosine":
                 atomic_write_bytes(folder / HEAD_FILE, save(self.model.head_state()))
         config = {
@@ -422,17 +421,12 @@ class CrossEncoderReranker:
         encoder is peft-wrapped (its scale and bias travel in ``head.safetensors``).
         """
         import copy
-        import tempfile
 
         from safetensors.torch import save
 
         cosine = head_of(peft_model) == "segment_cosine"
         adapted = peft_model.encoder if cosine else peft_model
-        with tempfile.TemporaryDirectory() as tmp:
-            # no embedding matrix to save (the vocabulary is the base's); "auto" would ask the Hub
-            adapted.save_pretrained(tmp, save_embedding_layers=False)
-            files = {name: (Path(tmp) / name).read_bytes() for name in ADAPTER_FILES}
-        files["adapter_config.json"] = _portable_adapter_config(files["adapter_config.json"], base_model)
+        files = adapter_files(adapted, base_model)
         if cosine:
             files[HEAD_FILE] = save(peft_model.head_state())
             merged = SegmentCosineScorer(copy.deepcopy(adapted).merge_and_unload())
@@ -537,13 +531,6 @@ def _check_settings(settings: Any, where: str) -> dict[str, Any]:
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
-
-
-def _portable_adapter_config(data: bytes, base_model: str) -> bytes:
-    """The adapter config naming the base by `base_model` (a portable name), not by a folder of this machine."""
-    config = json.loads(data)
-    config["base_model_name_or_path"] = base_model
-    return (json.dumps(config, indent=2) + "\n").encode("utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------
